@@ -1,0 +1,15 @@
+"""Affinity operators: every spatial mixer as ``A·V`` with an explicit ``matrix()`` (DESIGN.md)."""
+from .attention import ATTENTION_NORMS, SelfAttentionAffinity
+from .base import Affinity, apply_matrix, merge_heads, split_heads, token_count
+from .conv import GroupConvAffinity
+from .depthwise import DepthwiseConvAffinity, conv_toeplitz
+from .mixture import GATES, AffinityMixture, expand_heads
+from .registry import AffinityContext, affinity_names, build_affinity, register_affinity
+from .token_mlp import TokenMlpAffinity
+
+__all__ = [
+    "Affinity", "SelfAttentionAffinity", "DepthwiseConvAffinity", "GroupConvAffinity", "TokenMlpAffinity",
+    "AffinityMixture", "AffinityContext", "ATTENTION_NORMS", "GATES", "apply_matrix", "split_heads",
+    "merge_heads", "token_count", "conv_toeplitz", "expand_heads", "build_affinity", "register_affinity",
+    "affinity_names",
+]

@@ -1,0 +1,114 @@
+"""The affinity contract shared by every spatial mixer (Container, Eq. 2-3).
+
+An affinity maps values ``V`` to ``A·V`` where ``A`` is an N×N matrix per head.
+``forward`` computes it the fast way; ``matrix`` returns ``A`` explicitly so
+that ``apply_matrix(matrix(), V) + bias == forward(V)`` can be checked.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Affinity", "split_heads", "merge_heads", "apply_matrix", "token_count"]
+
+
+def token_count(shape: Sequence[int]) -> int:
+    """Number of tokens N of a (B, C, H, W) feature map or (B, N, C) token tensor shape."""
+    return shape[2] * shape[3] if len(shape) == 4 else shape[1]
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, C, H, W) or (B, N, C) -> (B, M, N, C/M); channel c belongs to head c // (C/M)."""
+    if x.ndim == 4:
+        b, c, h, w = x.shape
+        return x.reshape(b, heads, c // heads, h * w).transpose(-1, -2)
+    if x.ndim == 3:
+        b, n, c = x.shape
+        return x.reshape(b, n, heads, c // heads).transpose(1, 2)
+    raise ValueError(f"expected a (B, C, H, W) feature map or (B, N, C) tokens, got shape {tuple(x.shape)}")
+
+
+def merge_heads(x: Tensor, like_shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`split_heads`: (B, M, N, d) back to the layout of ``like_shape``."""
+    b, m, n, d = x.shape
+    if len(like_shape) == 4:
+        return x.transpose(-1, -2).reshape(b, m * d, like_shape[2], like_shape[3])
+    return x.transpose(1, 2).reshape(b, n, m * d)
+
+
+def apply_matrix(a: Tensor, v: Tensor) -> Tensor:
+    """Reference aggregation ``A·V`` with an explicit affinity ``a`` of shape (B or 1, M, N, N)."""
+    heads = a.shape[1]
+    vh = split_heads(v, heads)
+    b, m, n, d = vh.shape
+    if a.shape[-1] == n:
+        return merge_heads(a @ vh, v.shape)
+    if a.shape[-1] == n * d:  # channel-mixing affinity over (position, channel) pairs, index n·d + c
+        return merge_heads((a @ vh.reshape(b, m, n * d, 1)).view(b, m, n, d), v.shape)
+    raise ValueError(f"affinity of shape {tuple(a.shape)} does not fit values of shape {tuple(v.shape)}")
+
+
+class Affinity(nn.Module):
+    """Base class of an affinity operator ``V -> A·V (+ bias)`` (Container §3.1, Eq. 3).
+
+    Attributes:
+        dynamic: whether ``A`` depends on the input (needs ``q``/``k``).
+        heads: M; channel ``c`` belongs to head ``c // (C // M)``.
+        fixed_tokens: the token count N an operator was built for, or None if any N works.
+        needs_grid: whether the operator needs a 2-D (B, C, H, W) layout (convolutions).
+    """
+
+    dynamic: bool = False
+    needs_grid: bool = False
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        self.dim = dim
+        self.heads = heads
+        self.fixed_tokens: Optional[int] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    def forward(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
+        raise NotImplementedError
+
+    def matrix(self, v_shape: Sequence[int], q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
+        """The explicit affinity, shape (B or 1, heads, N, N)."""
+        raise NotImplementedError
+
+    def bias_term(self) -> Optional[Tensor]:
+        """Per-channel offset added after ``A·V`` (a conv bias), shape (C,), or None."""
+        return None
+
+    def macs(self, tokens: int) -> int:
+        """Multiply-accumulates of ``A·V`` (and of building ``A``) for one image of ``tokens`` tokens."""
+        raise NotImplementedError
+
+    def check_input(self, v: Tensor) -> None:
+        """Raise a clear error for layouts or sizes this operator cannot take."""
+        if v.ndim not in (3, 4):
+            raise ValueError(f"{type(self).__name__} expects (B, C, H, W) or (B, N, C), got {tuple(v.shape)}")
+        if self.needs_grid and v.ndim != 4:
+            raise ValueError(f"{type(self).__name__} is a convolution and needs a (B, C, H, W) feature map")
+        channels = v.shape[1] if v.ndim == 4 else v.shape[2]
+        if channels != self.dim:
+            raise ValueError(f"{type(self).__name__} was built for {self.dim} channels, got {channels}")
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}"
+
+    @staticmethod
+    def add_bias(x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if bias is None:
+            return x
+        return x + (bias.view(1, -1, 1, 1) if x.ndim == 4 else bias)
+
+    def reference(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
+        """``A·V + bias`` computed through the explicit matrix: slow, for tests and analysis."""
+        return self.add_bias(apply_matrix(self.matrix(v.shape, q, k), v), self.bias_term())

@@ -1,0 +1,79 @@
+"""The Container mixture ``α·A_dynamic + β·A_static`` (Container Eq. 9, Eq. 12)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Affinity
+
+__all__ = ["AffinityMixture", "expand_heads", "GATES"]
+
+GATES = ("convex", "free")
+
+
+def expand_heads(a: Tensor, heads: int) -> Tensor:
+    """Repeat each head's matrix over the finer head grouping ``heads`` (a multiple of a.shape[1])."""
+    if heads % a.shape[1]:
+        raise ValueError(f"cannot expand {a.shape[1]} heads to {heads}")
+    return a.repeat_interleave(heads // a.shape[1], dim=1)
+
+
+class AffinityMixture(Affinity):
+    """Learnable mixture of a dynamic and a static affinity sharing V and the output projection.
+
+    ``gate="convex"`` (default) follows the official Container release: α = sigmoid(w), β = 1 − α,
+    w initialised to 0. ``gate="free"`` follows the paper's Eq. 9 literally: α and β are independent
+    learnable scalars (initialised to 0.5 each so both gates start as the same function).
+    :meth:`matrix` is α·A_dyn + β·A_static at the finest common head grouping (e.g. 16 attention
+    heads and 512 depthwise channels meet at 512 heads, Container §3.3).
+    """
+
+    def __init__(self, dynamic: Affinity, static: Affinity, gate: str = "convex"):
+        if dynamic.dim != static.dim:
+            raise ValueError(f"mixture parts disagree on dim: {dynamic.dim} vs {static.dim}")
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
+        super().__init__(dynamic.dim, math.lcm(dynamic.heads, static.heads))
+        self.dynamic_affinity = dynamic
+        self.static_affinity = static
+        self.gate = gate
+        self.dynamic = dynamic.dynamic or static.dynamic
+        self.needs_grid = dynamic.needs_grid or static.needs_grid
+        self.fixed_tokens = static.fixed_tokens or dynamic.fixed_tokens
+        if gate == "convex":
+            self.gate_logit = nn.Parameter(torch.zeros(1))
+        else:
+            self.alpha = nn.Parameter(torch.full((1,), 0.5))
+            self.beta = nn.Parameter(torch.full((1,), 0.5))
+
+    def extra_repr(self) -> str:
+        return f"gate={self.gate}"
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """(α, β) as 1-element tensors."""
+        if self.gate == "convex":
+            alpha = torch.sigmoid(self.gate_logit)
+            return alpha, 1 - alpha
+        return self.alpha, self.beta
+
+    def forward(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
+        alpha, beta = self.weights()
+        return alpha * self.dynamic_affinity(v, q, k) + beta * self.static_affinity(v)
+
+    def matrix(self, v_shape: Sequence[int], q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
+        alpha, beta = self.weights()
+        a_dyn = expand_heads(self.dynamic_affinity.matrix(v_shape, q, k), self.heads)
+        a_static = expand_heads(self.static_affinity.matrix(v_shape), self.heads)
+        return alpha * a_dyn + beta * a_static
+
+    def bias_term(self) -> Optional[Tensor]:
+        alpha, beta = self.weights()
+        parts = ((alpha, self.dynamic_affinity.bias_term()), (beta, self.static_affinity.bias_term()))
+        terms = [w * b for w, b in parts if b is not None]
+        return sum(terms) if terms else None
+
+    def macs(self, tokens: int) -> int:
+        return self.dynamic_affinity.macs(tokens) + self.static_affinity.macs(tokens) + tokens * self.dim

@@ -1,0 +1,69 @@
+"""Transposed-MLP (MLP-Mixer token mixing) as a static affinity (Container Eq. 8, Table 2)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Affinity, merge_heads, split_heads, token_count
+
+__all__ = ["TokenMlpAffinity"]
+
+
+class TokenMlpAffinity(Affinity):
+    """A learned dense N×N affinity ``A = W_MLPᵀ`` per head (Container Eq. 8).
+
+    - ``heads=1, rank=None``: the MLP variant of Container Table 2 (one dense matrix, M=1);
+    - ``rank=r``: MLP-LR, ``A = U Vᵀ`` with U, V of shape (N, r), applied as ``U (Vᵀ V_vals)``;
+    - ``heads>1``: MH-MLP(-LR), an independent matrix per group of C/M channels (Container §3.3).
+
+    Paper-silent choices: no bias and no non-linearity (Container §4.1: "we do not add any
+    non-linearity ... as is specified in the contextual aggregation equation"); weights are drawn so
+    that every entry of ``A`` has standard deviation about 1/√N, as a ``nn.Linear(N, N)`` would.
+    The token count is fixed: an input of another size is refused with the size it was built for.
+    """
+
+    def __init__(self, dim: int, tokens: int, heads: int = 1, rank: Optional[int] = None,
+                 grid: Optional[tuple[int, int]] = None):
+        super().__init__(dim, heads)
+        if tokens <= 0:
+            raise ValueError(f"a token-MLP affinity needs a positive token count, got {tokens}")
+        self.fixed_tokens = tokens
+        self.grid = grid
+        self.rank = rank
+        if rank is None:
+            self.weight = nn.Parameter(torch.randn(heads, tokens, tokens) * tokens ** -0.5)
+        else:
+            if not 0 < rank <= tokens:
+                raise ValueError(f"rank must be in [1, {tokens}], got {rank}")
+            self.u = nn.Parameter(torch.randn(heads, tokens, rank) * rank ** -0.5)
+            self.vt = nn.Parameter(torch.randn(heads, rank, tokens) * tokens ** -0.5)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, tokens={self.fixed_tokens}, rank={self.rank}"
+
+    def check_input(self, v: Tensor) -> None:
+        super().check_input(v)
+        n = token_count(v.shape)
+        if n != self.fixed_tokens:
+            built = f"{self.grid[0]}×{self.grid[1]}" if self.grid else str(self.fixed_tokens)
+            got = f"{v.shape[2]}×{v.shape[3]}" if v.ndim == 4 else str(n)
+            raise ValueError(
+                f"{type(self).__name__} was built for {built} tokens ({self.fixed_tokens}) and got {got} ({n}); "
+                "token-MLP affinities have a fixed size: build the model with the img_size you feed it")
+
+    def forward(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
+        self.check_input(v)
+        vh = split_heads(v, self.heads)
+        out = self.weight @ vh if self.rank is None else self.u @ (self.vt @ vh)
+        return merge_heads(out, v.shape)
+
+    def matrix(self, v_shape: Sequence[int], q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
+        a = self.weight if self.rank is None else self.u @ self.vt
+        return a.unsqueeze(0)
+
+    def macs(self, tokens: int) -> int:
+        if self.rank is None:
+            return tokens * tokens * self.dim
+        return 2 * tokens * self.rank * self.dim

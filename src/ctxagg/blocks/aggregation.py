@@ -1,0 +1,81 @@
+"""The generic context-aggregation block (Container Eq. 3 / Eq. 9 followed by a channel MLP)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from timm.layers import ConvMlp, DropPath, Mlp
+from torch import Tensor, nn
+
+from ..affinity import Affinity
+
+__all__ = ["AggregationBlock", "TokenAggregationBlock"]
+
+
+class AggregationBlock(nn.Module):
+    """``x += pos(x); x += W_out(A·V); x += MLP(norm2(x))`` on NCHW feature maps (Container §3.3-3.4).
+
+    As in the official Container code: a 3×3 depthwise positional conv (with its own residual), a
+    BatchNorm before the spatial aggregation and before the 2-layer 1×1-conv MLP, a 1×1 ``proj_in``
+    producing V (and Q, K in that channel order when the affinity is dynamic) and a 1×1 ``proj_out``.
+    """
+
+    def __init__(self, dim: int, affinity: Affinity, mlp_ratio: float = 4.0, pos_kernel: int = 3,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 act_layer: Callable[..., nn.Module] = nn.GELU, drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.pos_embed = nn.Conv2d(dim, dim, pos_kernel, padding=pos_kernel // 2, groups=dim) if pos_kernel else None
+        self.norm1 = norm_layer(dim)
+        self.proj_in = nn.Conv2d(dim, dim * (3 if affinity.dynamic else 1), 1)
+        self.affinity = affinity
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.proj_drop = nn.Dropout(drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """(v, q, k) for the affinity from the block input *after* the positional term."""
+        y = self.proj_in(self.norm1(x))
+        if self.affinity.dynamic:
+            q, k, v = y.chunk(3, dim=1)
+            return v, q, k
+        return y, None, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(x)
+        v, q, k = self.qkv(x)
+        x = x + self.drop_path1(self.proj_drop(self.proj_out(self.affinity(v, q, k))))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class TokenAggregationBlock(nn.Module):
+    """The same block in token layout (B, N, C) with LayerNorm and linear projections: the ViT/DeiT
+    block (Container Eq. 3 with A = attention) generalised to any affinity that takes tokens."""
+
+    def __init__(self, dim: int, affinity: Affinity, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 act_layer: Callable[..., nn.Module] = nn.GELU, drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.proj_in = nn.Linear(dim, dim * (3 if affinity.dynamic else 1), bias=qkv_bias)
+        self.affinity = affinity
+        self.proj_out = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        y = self.proj_in(self.norm1(x))
+        if self.affinity.dynamic:
+            q, k, v = y.chunk(3, dim=-1)
+            return v, q, k
+        return y, None, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        v, q, k = self.qkv(x)
+        x = x + self.drop_path1(self.proj_drop(self.proj_out(self.affinity(v, q, k))))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))

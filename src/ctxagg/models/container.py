@@ -1,0 +1,293 @@
+"""Container, Container-Light and the Container Table 2 variants (container.txt §3.3-3.5, §4.1).
+
+Every model is the 4-stage base architecture of Container §3.4 with one affinity spec per stage:
+``("dw5", "dw5", "dw5", "mix(sa,dw5)")`` is Container-Light (Eq. 12).
+"""
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import Any, Optional, Sequence
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ..affinity import AffinityMixture, SelfAttentionAffinity, TokenMlpAffinity, build_affinity
+from ..blocks import AggregationBlock, TokenAggregationBlock
+from ..layers import ConvPatchEmbed
+from .staged import Stage, StagedBackbone
+
+__all__ = ["ContainerNet", "checkpoint_filter_fn", "to_official_state_dict", "CONTAINER_VARIANTS", "PAPER_NUMBERS"]
+
+# Container Table 1/2 (params in M, GFLOPs at 224²): the targets the tests and `ctxagg models` compare to.
+PAPER_NUMBERS: dict[str, dict[str, float]] = {
+    "container_light": dict(params=20.0, gflops=3.2),
+    "container": dict(params=22.1, gflops=8.1),
+    "hdeit_s": dict(params=22.1),
+    "conv3": dict(params=33.8),
+    "group_conv3": dict(params=20.5),
+    "dw3": dict(params=18.7),
+    "mh_dw3": dict(params=18.6),
+    "mlp": dict(params=50.9),
+    "mlp_lr": dict(params=36.5),
+    "mh_mlp_lr": dict(params=41.6),
+}
+
+
+class ContainerNet(StagedBackbone):
+    """The Container base network (Container §3.4) with a chosen affinity per stage.
+
+    Layout follows the official ``container_v1_light`` release: p×p patch embeddings with LayerNorm
+    (p = 4, 2, 2, 2), :class:`~ctxagg.blocks.AggregationBlock` blocks (BatchNorm, 3×3 depthwise
+    positional conv, 1×1 projections, 1×1-conv MLP), a final BatchNorm, average pooling and a linear head.
+
+    Args:
+        mixers: one affinity spec per stage (see :func:`ctxagg.affinity.build_affinity`).
+        head_dim: channels per head C/M (Container Table 2 uses 32 for attention and multi-head mixers).
+        img_size: only used by fixed-size affinities (token MLPs), which are built for its grid.
+        mlp_rank: rank of low-rank token MLPs, as a fraction of N (float) or an absolute rank (int).
+    """
+
+    def __init__(self, mixers: Sequence[str] = ("dw5", "dw5", "dw5", "mix(sa,dw5)"),
+                 dims: Sequence[int] = (64, 128, 320, 512), depths: Sequence[int] = (3, 4, 8, 3),
+                 patch_sizes: Sequence[int] = (4, 2, 2, 2), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+                 head_dim: int = 32, img_size: Any = 224, in_chans: int = 3, num_classes: int = 1000,
+                 global_pool: str = "avg", drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn_norm: str = "softmax",
+                 gate: str = "convex", mlp_rank: float | int = 0.25, pos_kernel: int = 3,
+                 mlp_rank_stages: Optional[Sequence[bool]] = None, model_name: str = "container", **kwargs):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"unexpected arguments for {model_name}: {sorted(kwargs)}")
+        if not len(mixers) == len(dims) == len(depths) == len(patch_sizes) == len(mlp_ratios):
+            raise ValueError("mixers, dims, depths, patch_sizes and mlp_ratios need one entry per stage")
+        self.model_name = model_name
+        self.mixers = tuple(mixers)
+        img_size = to_2tuple(img_size)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, strides, stride, prev_dim, offset = [], [], 1, in_chans, 0
+        fixed = False
+        for i, (spec, dim, depth, patch, ratio) in enumerate(zip(mixers, dims, depths, patch_sizes, mlp_ratios)):
+            stride *= patch
+            strides.append(stride)
+            grid = (img_size[0] // stride, img_size[1] // stride)
+            rank = mlp_rank if mlp_rank_stages is None or mlp_rank_stages[i] else None  # None: dense
+            context = dict(dim=dim, heads=max(1, dim // head_dim), grid=grid, attn_norm=attn_norm,
+                           attn_drop=attn_drop_rate, gate=gate, mlp_rank=rank)
+            blocks = []
+            for j in range(depth):
+                affinity = build_affinity(spec, **context)
+                fixed = fixed or affinity.fixed_tokens is not None
+                blocks.append(AggregationBlock(dim, affinity, ratio, pos_kernel=pos_kernel, drop=proj_drop_rate,
+                                               drop_path=dpr[offset + j]))
+            offset += depth
+            embed = ConvPatchEmbed(prev_dim, dim, patch)
+            if i == 0:
+                self.stem, embed = embed, nn.Identity()
+            stages.append(Stage(embed, blocks))
+            prev_dim = dim
+        self.stages = nn.Sequential(*stages)
+        self.fixed_img_size = img_size if fixed else None
+        self.norm = nn.BatchNorm2d(dims[-1])
+        self.feature_info = self.feature_info_for(dims, strides)
+        self.init_head(dims[-1], num_classes, global_pool, drop_rate)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Mixture gates are not decayed (their value is the model's choice between A_dyn and A_static)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("gate_logit", ".alpha", ".beta"))}
+
+
+def _init_weights(module: nn.Module) -> None:
+    # As the official release: truncated-normal linear layers, PyTorch defaults for convs and norms.
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# Official container_v1_light key -> ours, as (official pattern, ours pattern) regex pairs.
+_OFFICIAL_KEY_RULES: list[tuple[str, str]] = [
+    (r"^patch_embed1\.", r"stem."),
+    (r"^patch_embed([2-4])\.", r"stages.{\1-1}.downsample."),
+    (r"^blocks([1-4])\.(\d+)\.conv1\.", r"stages.{\1-1}.blocks.\2.proj_in."),
+    (r"^blocks([1-4])\.(\d+)\.conv2\.", r"stages.{\1-1}.blocks.\2.proj_out."),
+    (r"^blocks([1-4])\.(\d+)\.conv\.", r"stages.{\1-1}.blocks.\2.affinity.static_affinity."),
+    (r"^blocks([1-4])\.(\d+)\.attn\.", r"stages.{\1-1}.blocks.\2.affinity."),
+    (r"^blocks([1-4])\.(\d+)\.sa_weight$", r"stages.{\1-1}.blocks.\2.affinity.gate_logit"),
+    (r"^blocks([1-4])\.(\d+)\.", r"stages.{\1-1}.blocks.\2."),
+]
+
+
+def _rename_official(key: str) -> str:
+    for pattern, target in _OFFICIAL_KEY_RULES:
+        match = re.match(pattern, key)
+        if match:
+            out = match.expand(target.replace("{\\1-1}", str(int(match.group(1)) - 1) if match.groups() else ""))
+            return out + key[match.end():]
+    return key
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Map an official allenai/container checkpoint (``patch_embed1..4``, ``blocks1..4.N``, ``norm``,
+    ``head``; optionally wrapped in ``{"model": ...}``) onto :class:`ContainerNet` keys."""
+    state_dict = state_dict.get("model", state_dict)
+    if not any(k.startswith(("patch_embed1.", "blocks1.")) for k in state_dict):
+        return state_dict  # already in our layout
+    return {_rename_official(k): v for k, v in state_dict.items()}
+
+
+def to_official_state_dict(model: ContainerNet) -> dict[str, Tensor]:
+    """Our state dict in the official release's key layout (the inverse of :func:`checkpoint_filter_fn`)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        new = re.sub(r"^stem\.", "patch_embed1.", key)
+        new = re.sub(r"^stages\.(\d)\.downsample\.", lambda m: f"patch_embed{int(m[1]) + 1}.", new)
+        new = re.sub(r"^stages\.(\d)\.blocks\.", lambda m: f"blocks{int(m[1]) + 1}.", new)
+        new = (new.replace(".proj_in.", ".conv1.").replace(".proj_out.", ".conv2.")
+               .replace(".affinity.static_affinity.", ".conv.").replace(".affinity.gate_logit", ".sa_weight")
+               .replace(".affinity.", ".attn."))
+        out[new] = value
+    return out
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
+    }
+
+
+# Stage mixers of each registered variant (Container Table 2). Choices where the paper is silent:
+CONTAINER_VARIANTS: dict[str, dict[str, Any]] = {
+    # official container_v1_light: static 5×5 depthwise in stages 1-3, attention+conv mixture in stage 4
+    "container_light": dict(mixers=("dw5", "dw5", "dw5", "mix(sa,dw5)")),
+    # paper: mixture in every stage; same base as Light, heads C/M = 32 per Table 2
+    "container": dict(mixers=("mix(sa,dw5)",) * 4),
+    # H-DeiT-S: attention only (α=1, β=0) in every stage of the same base
+    "hdeit_s": dict(mixers=("sa",) * 4),
+    # Conv-3: full 3×3 conv between the block's 1×1 projections ("channel information ... 1×1 convs")
+    "conv3": dict(mixers=("conv3",) * 4),
+    # Group Conv-3: 3×3 conv with groups of 32 channels (the C/M = 32 grouping of the other variants)
+    "group_conv3": dict(mixers=("gconv3",) * 4),
+    # DW-3 / MH-DW-3: 3×3 depthwise, per channel (C/M = 1) or shared inside 32-channel heads
+    "dw3": dict(mixers=("dw3",) * 4),
+    "mh_dw3": dict(mixers=("mhdw3",) * 4),
+    # MLP: one dense N×N token MLP per block (M = 1), built for 224² input
+    "mlp": dict(mixers=("mlp",) * 4),
+    # MLP-LR: low rank only in stage 1, whose dense 3136² matrix dominates (9.8M params a block), at rank
+    # N/4 = 784; stages 2-4 stay dense. Lands at 36.46M (-0.1%); rank N/4 everywhere would give 35.1M (-3.9%).
+    "mlp_lr": dict(mixers=("mlp_lr",) * 4, mlp_rank=0.25, mlp_rank_stages=(True, False, False, False)),
+    # MH-MLP-LR: 32-channel heads (C/M = 32), each head its own matrix; rank 256 per head in stage 1, dense
+    # per head in stages 2-4. Lands at 41.58M (-0.05%); the paper gives no ranks, this is our choice.
+    "mh_mlp_lr": dict(mixers=("mh_mlp_lr",) * 4, mlp_rank=256, mlp_rank_stages=(True, False, False, False)),
+}
+
+default_cfgs = generate_default_cfgs({
+    **{name: _cfg(fixed_input_size=name.startswith("mlp") or name.startswith("mh_mlp")) for name in CONTAINER_VARIANTS},
+    "container_pam": _cfg(pool_size=None, first_conv="patch_embed.proj", fixed_input_size=True),
+})
+
+
+def _create_container(variant: str, pretrained: bool = False, **kwargs) -> ContainerNet:
+    args = {**CONTAINER_VARIANTS[variant], "model_name": variant, **kwargs}
+    return build_model_with_cfg(
+        ContainerNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **args)
+
+
+@register_model
+def container_light(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """Container-Light (container.txt §3.5, Eq. 12; Table 1: 20.0M params, 3.2 GFLOPs).
+
+    Structurally identical to the official ``container_v1_light``: 20,633,643 parameters. The paper
+    rounds this to 20.0M; the 3% gap is the paper's, not ours (measured from the official code).
+    """
+    return _create_container("container_light", pretrained, **kwargs)
+
+
+@register_model
+def container(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """Container: α·A_sa + β·A_conv in all four stages (container.txt §3.3-3.4; Table 1: 22.1M, 8.1G)."""
+    return _create_container("container", pretrained, **kwargs)
+
+
+@register_model
+def hdeit_s(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """H-DeiT-S: self-attention only on the hierarchical base (container.txt Table 2: 22.1M)."""
+    return _create_container("hdeit_s", pretrained, **kwargs)
+
+
+@register_model
+def conv3(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """Conv-3: naive 3×3 convolution as the spatial mixer (container.txt Table 2: 33.8M)."""
+    return _create_container("conv3", pretrained, **kwargs)
+
+
+@register_model
+def group_conv3(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """Group Conv-3: grouped 3×3 convolution, 32 channels a group (container.txt Table 2: 20.5M)."""
+    return _create_container("group_conv3", pretrained, **kwargs)
+
+
+@register_model
+def dw3(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """DW-3: 3×3 depthwise static affinity, M = C (container.txt Table 2: 18.7M)."""
+    return _create_container("dw3", pretrained, **kwargs)
+
+
+@register_model
+def mh_dw3(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """MH-DW-3: 3×3 kernels shared inside 32-channel heads (container.txt §3.3, Table 2: 18.6M)."""
+    return _create_container("mh_dw3", pretrained, **kwargs)
+
+
+@register_model
+def mlp(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """MLP: dense transposed-MLP affinity, M = 1, fixed 224² input (container.txt Eq. 8, Table 2: 50.9M)."""
+    return _create_container("mlp", pretrained, **kwargs)
+
+
+@register_model
+def mlp_lr(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """MLP-LR: low-rank transposed MLP A = U Vᵀ, fixed 224² input (container.txt Table 2: 36.5M)."""
+    return _create_container("mlp_lr", pretrained, **kwargs)
+
+
+@register_model
+def mh_mlp_lr(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """MH-MLP-LR: multi-head low-rank transposed MLP, fixed 224² input (container.txt Table 2: 41.6M)."""
+    return _create_container("mh_mlp_lr", pretrained, **kwargs)
+
+
+def _pam_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_drop: float = 0.0,
+               attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer=nn.LayerNorm, act_layer=nn.GELU,
+               tokens: int = 197, gate: str = "convex", **_: Any) -> TokenAggregationBlock:
+    affinity = AffinityMixture(SelfAttentionAffinity(dim, num_heads, attn_drop=attn_drop),
+                               TokenMlpAffinity(dim, tokens, heads=1), gate=gate)
+    return TokenAggregationBlock(dim, affinity, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer,
+                                 act_layer=act_layer, drop=proj_drop, drop_path=drop_path)
+
+
+@register_model
+def container_pam(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Container-PAM: DeiT-S with a learned static N×N (MLP) affinity mixed into every attention
+    (container.txt §3.3 "Pay Attention to MLP", §4.1 "Emergence of locality").
+
+    Built on timm's ``VisionTransformer`` (patch 16, dim 384, depth 12, 6 heads, class token) with a
+    block whose affinity is α·A_sa + β·A_mlp; the static matrix covers all 197 tokens (class token
+    included, paper-silent choice), so the input size is fixed at 224². DeiT-S has 22,050,664 params;
+    the 12 static 197×197 matrices and gates add 465,720.
+    """
+    img_size = to_2tuple(kwargs.pop("img_size", 224))
+    tokens = (img_size[0] // 16) * (img_size[1] // 16) + 1
+    block_fn = partial(_pam_block, tokens=tokens, gate=kwargs.pop("gate", "convex"))
+    args = dict(img_size=img_size, patch_size=16, embed_dim=384, depth=12, num_heads=6, block_fn=block_fn)
+    return build_model_with_cfg(VisionTransformer, "container_pam", pretrained,
+                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **args, **kwargs)

@@ -1,0 +1,133 @@
+"""Shared timm plumbing for 4-stage NCHW backbones (``stem`` → ``stages`` → ``norm`` → pool → ``head``)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from timm.layers import SelectAdaptivePool2d
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+from torch import Tensor, nn
+
+__all__ = ["Stage", "StagedBackbone"]
+
+
+class Stage(nn.Module):
+    """One resolution stage: a downsampling layer followed by a sequence of blocks."""
+
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class StagedBackbone(nn.Module):
+    """Base class giving a staged backbone the timm model interface: ``forward_features``,
+    ``forward_head(pre_logits=)``, ``reset_classifier``, ``forward_intermediates``,
+    ``prune_intermediate_layers``, ``set_grad_checkpointing``, ``group_matcher``, ``feature_info``.
+
+    Subclasses set ``stem``, ``stages`` (nn.Sequential of :class:`Stage`), ``norm`` and call
+    :meth:`init_head`. ``fixed_img_size`` is set by models with fixed-size affinities.
+    """
+
+    fixed_img_size: Optional[tuple[int, int]] = None
+    model_name: str = "model"
+
+    def init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
+        self.num_features = self.head_hidden_size = num_features
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def check_input(self, x: Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"{self.model_name} expects images shaped (B, C, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{self.model_name} expects a floating-point image tensor, got {x.dtype}")
+        in_chans = self.stem.proj.in_channels if hasattr(self.stem, "proj") else None
+        if in_chans is not None and x.shape[1] != in_chans:
+            raise ValueError(f"{self.model_name} was built for {in_chans} input channels, got {x.shape[1]} "
+                             f"(pass in_chans={x.shape[1]} to create_model)")
+        if self.fixed_img_size is not None and tuple(x.shape[-2:]) != self.fixed_img_size:
+            h, w = self.fixed_img_size
+            raise ValueError(f"{self.model_name} has fixed-size (token-MLP) affinities built for {h}×{w} input, "
+                             f"got {x.shape[-2]}×{x.shape[-1]}; build it with img_size={x.shape[-2]} instead")
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)),
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^norm", (99999,)),
+        ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        return self.norm(self.stages(self.stem(x)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, list[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Stage outputs (strides 4/8/16/32) as timm's ``forward_intermediates``; ``norm`` applies the
+        final norm to the last stage's output."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        self.check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        last = len(self.stages) - 1
+        intermediates = []
+        x = self.stem(x)
+        for idx, stage in enumerate(stages):
+            x = stage(x)
+            if idx in take_indices:
+                intermediates.append(self.norm(x) if norm and idx == last else x)
+        if intermediates_only:
+            return intermediates
+        if idx == last:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def feature_info_for(self, dims: Sequence[int], strides: Sequence[int]) -> list[dict]:
+        return [dict(num_chs=d, reduction=r, module=f"stages.{i}") for i, (d, r) in enumerate(zip(dims, strides))]
