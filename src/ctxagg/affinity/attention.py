@@ -40,6 +40,10 @@ def normalise_scores(scores: Tensor, norm: str) -> Tensor:
     raise ValueError(f"unknown attention normaliser {norm!r}; choose one of {ATTENTION_NORMS}")
 
 
+def _unit_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 class SelfAttentionAffinity(Affinity):
     """Multi-head dot-product attention ``A_m = norm(Q_m K_mᵀ / √(C/M))`` (Container Eq. 4).
 
@@ -68,7 +72,8 @@ class SelfAttentionAffinity(Affinity):
         if q is None or k is None:
             raise ValueError("SelfAttentionAffinity is dynamic: pass q and k shaped like v")
         self.check_input(v)
-        qh, kh, vh = (split_heads(t, self.heads) for t in (q, k, v))
+        # fused SDPA kernels need a unit-stride head dim, else they fall back to the N×N math path
+        qh, kh, vh = (_unit_stride(split_heads(t, self.heads)) for t in (q, k, v))
         drop = self.attn_drop if self.training else 0.0
         if self.norm == "softmax":
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_bias, dropout_p=drop, scale=self.scale)

@@ -20,22 +20,25 @@ def token_count(shape: Sequence[int]) -> int:
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
-    """(B, C, H, W) or (B, N, C) -> (B, M, N, C/M); channel c belongs to head c // (C/M)."""
+    """(B, C, H, W) or (B, N, C) -> (B, M, N, C/M); channel c belongs to head c // (C/M).
+
+    Goes through token layout, so a channels_last feature map splits without a copy."""
     if x.ndim == 4:
-        b, c, h, w = x.shape
-        return x.reshape(b, heads, c // heads, h * w).transpose(-1, -2)
-    if x.ndim == 3:
-        b, n, c = x.shape
-        return x.reshape(b, n, heads, c // heads).transpose(1, 2)
-    raise ValueError(f"expected a (B, C, H, W) feature map or (B, N, C) tokens, got shape {tuple(x.shape)}")
+        x = x.flatten(2).transpose(1, 2)
+    elif x.ndim != 3:
+        raise ValueError(f"expected a (B, C, H, W) feature map or (B, N, C) tokens, got shape {tuple(x.shape)}")
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).transpose(1, 2)
 
 
 def merge_heads(x: Tensor, like_shape: Sequence[int]) -> Tensor:
-    """Inverse of :func:`split_heads`: (B, M, N, d) back to the layout of ``like_shape``."""
+    """Inverse of :func:`split_heads`: (B, M, N, d) back to the layout of ``like_shape``
+    (a 4-D result has channels_last strides when ``x`` is contiguous)."""
     b, m, n, d = x.shape
+    tokens = x.transpose(1, 2).reshape(b, n, m * d)
     if len(like_shape) == 4:
-        return x.transpose(-1, -2).reshape(b, m * d, like_shape[2], like_shape[3])
-    return x.transpose(1, 2).reshape(b, n, m * d)
+        return tokens.transpose(1, 2).reshape(b, m * d, like_shape[2], like_shape[3])
+    return tokens
 
 
 def apply_matrix(a: Tensor, v: Tensor) -> Tensor:
