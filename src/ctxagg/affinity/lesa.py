@@ -89,6 +89,9 @@ class RelativeSelfAttention2d(Affinity):
     the BN needs their batch statistics. ``matrix()`` always forms them, so ``matrix() @ V == forward()``
     checks the fold. The relative terms are N×N by nature: this affinity costs O(N²) memory.
 
+    The logit BN's biases add a per-head constant to every logit, which the softmax ignores: they are
+    kept for parity with the reference (and its parameter count) but receive no gradient.
+
     ``drop_diagonal`` removes the unary term ``S(·)ᵢᵢ vᵢ`` of lesa.txt Eq. 2 (no renormalisation, as the
     decomposition implies) for the Table 1 ablation.
     """

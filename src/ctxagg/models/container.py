@@ -289,9 +289,10 @@ def container_pam(pretrained: bool = False, **kwargs) -> VisionTransformer:
     included, paper-silent choice), so the input size is fixed at 224². DeiT-S has 22,050,664 params;
     the 12 static 197×197 matrices and gates add 465,720.
     """
-    img_size = to_2tuple(kwargs.pop("img_size", 224))
-    tokens = (img_size[0] // 16) * (img_size[1] // 16) + 1
-    block_fn = partial(_pam_block, tokens=tokens, gate=kwargs.pop("gate", "convex"))
-    args = dict(img_size=img_size, patch_size=16, embed_dim=384, depth=12, num_heads=6, block_fn=block_fn)
+    args = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    args.update(kwargs)
+    img_size, patch = to_2tuple(args["img_size"]), args["patch_size"]
+    tokens = (img_size[0] // patch) * (img_size[1] // patch) + 1
+    args["block_fn"] = partial(_pam_block, tokens=tokens, gate=args.pop("gate", "convex"))
     return build_model_with_cfg(VisionTransformer, "container_pam", pretrained,
-                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **args, **kwargs)
+                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **args)

@@ -1,0 +1,145 @@
+"""The run configuration of `ctxagg train`, with the papers' recipes as presets."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+__all__ = ["TrainConfig", "RECIPES", "small_input_overrides"]
+
+
+@dataclass
+class TrainConfig:
+    model: str = "container_light"
+    data: str = "digits"
+    output: str = "runs/latest"
+    recipe: str = "deit"
+    epochs: int = 30
+    batch_size: int = 64
+    img_size: int = 32
+    lr: Optional[float] = None           # None: the recipe's base lr scaled by batch_size / 512
+    weight_decay: Optional[float] = None
+    opt: Optional[str] = None
+    momentum: float = 0.9
+    sched: str = "cosine"
+    warmup_epochs: Optional[int] = None
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    label_smoothing: Optional[float] = None
+    mixup: Optional[float] = None
+    cutmix: Optional[float] = None
+    randaugment: Optional[str] = None    # timm auto-augment string, "" to disable
+    reprob: Optional[float] = None       # random-erasing probability
+    hflip: Optional[float] = None        # None: 0.5, or 0 for digit data (flips change digits)
+    scale_min: Optional[float] = None    # lower bound of random-resized-crop area
+    augment: bool = True                 # False: train on the eval transform (deterministic runs, tests)
+    drop_path: Optional[float] = None
+    repeated_aug: bool = False
+    ema_decay: float = 0.0               # 0 disables EMA
+    clip_grad: Optional[float] = None
+    amp: bool = False                    # bf16 autocast (CPU and GPU)
+    sync_bn: bool = False
+    fraction: float = 1.0                # fixed-seed stratified subset of the training set
+    val_fraction: float = 0.2            # held out when the data has no validation split
+    workers: int = 0
+    seed: int = 0
+    skip_nonfinite: bool = False
+    skip_bad_images: bool = False
+    device: str = "auto"
+    max_steps: Optional[int] = None      # stop after this many optimiser steps (tests, smoke runs)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every None filled from the recipe."""
+        out = TrainConfig(**asdict(self))
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
+        for key, value in RECIPES[self.recipe].items():
+            if key != "base_lr" and getattr(out, key) is None:
+                setattr(out, key, value)
+        if out.lr is None:
+            out.lr = RECIPES[self.recipe]["base_lr"] * out.batch_size / 512
+        if out.hflip is None:
+            out.hflip = 0.0 if out.data.split(":")[0] in ("digits", "mnist") else 0.5
+        if out.scale_min is None:
+            out.scale_min = 0.08 if out.img_size > 64 else 0.35  # tiny images lose the object below ~35%
+        return out
+
+    def validate(self) -> "TrainConfig":
+        """Refuse impossible settings before any work starts; returns self."""
+        from pathlib import Path
+
+        from .data import DATA_SPECS
+
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.img_size < 8:
+            problems.append(f"--img-size must be at least 8, got {self.img_size}")
+        if not 0 < self.fraction <= 1:
+            problems.append(f"--fraction must be in (0, 1], got {self.fraction}")
+        if not 0 < self.val_fraction < 1:
+            problems.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.recipe not in RECIPES:
+            problems.append(f"unknown --recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
+        elif ((self.mixup if self.mixup is not None else RECIPES[self.recipe]["mixup"]) > 0
+              or (self.cutmix if self.cutmix is not None else RECIPES[self.recipe]["cutmix"]) > 0) \
+                and self.batch_size % 2:
+            problems.append(f"Mixup/CutMix mixes pairs and needs an even --batch-size, got {self.batch_size}")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        kind, _, path = self.data.partition(":")
+        if kind not in ("digits", "imagefolder", "cifar10", "mnist") or (kind != "digits" and not path):
+            problems.append(f"unknown --data {self.data!r}; use one of {', '.join(DATA_SPECS)}")
+        elif path and not Path(path).expanduser().exists():
+            problems.append(f"--data path {path} does not exist")
+        if problems:
+            raise ValueError("invalid training settings:\n  " + "\n  ".join(problems))
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, js: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in js.items() if k in known})
+
+
+# DeiT recipe (Touvron et al. 2021; used by Container §A and LinGlos): AdamW, lr 5e-4·B/512, wd 0.05, 5 warm-up
+# epochs, cosine, label smoothing 0.1, Mixup 0.8, CutMix 1.0, RandAugment m9, random erasing 0.25, drop path 0.1.
+# RandAugment: DeiT's "-inc1" policy can ask Pillow for posterize(bits=0), which Pillow >= 11 rejects, so the
+# standard-level policy "rand-m9-mstd0.5" is used (same ops and magnitude, posterize keeps 4-8 bits).
+# LESA (lesa.txt §4.1) trains its ResNets with SGD + Nesterov, lr 0.1·B/256, wd 1e-4, cosine, label smoothing.
+# "light" is the DeiT recipe without the heavy regularisers, for short runs on small data.
+RECIPES: dict[str, dict[str, Any]] = {
+    "deit": dict(opt="adamw", base_lr=5e-4, weight_decay=0.05, warmup_epochs=5, label_smoothing=0.1, mixup=0.8,
+                 cutmix=1.0, randaugment="rand-m9-mstd0.5", reprob=0.25, drop_path=0.1, clip_grad=None),
+    "sgd": dict(opt="sgd", base_lr=0.2, weight_decay=1e-4, warmup_epochs=5, label_smoothing=0.1, mixup=0.0,
+                cutmix=0.0, randaugment="", reprob=0.0, drop_path=0.0, clip_grad=None),
+    "light": dict(opt="adamw", base_lr=2e-3, weight_decay=0.05, warmup_epochs=2, label_smoothing=0.1, mixup=0.0,
+                  cutmix=0.0, randaugment="", reprob=0.0, drop_path=0.05, clip_grad=5.0),
+}
+
+
+def small_input_overrides(model: str, img_size: int) -> dict[str, Any]:
+    """Model arguments that adapt a 224²-designed backbone to small (≤ 64²) images.
+
+    Container family: patch sizes (2, 2, 2, 2) instead of (4, 2, 2, 2), so a 32² image gives 16², 8², 4², 2²
+    stage grids (total stride 16) rather than 8², 4², 2², 1². Families without an entry keep their layout.
+    """
+    if img_size > 64:
+        return {}
+    from timm.models._registry import model_entrypoint
+
+    family = model_entrypoint(model).__module__.split(".")[-1]
+    overrides = SMALL_INPUT_PRESETS.get(family, {})
+    if family == "container" and model == "container_pam":
+        return {}
+    return dict(overrides)
+
+
+SMALL_INPUT_PRESETS: dict[str, dict[str, Any]] = {
+    "container": dict(patch_sizes=(2, 2, 2, 2)),
+}
