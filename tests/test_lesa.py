@@ -15,7 +15,8 @@ from ctxagg.analysis.lesa import (diagonal_shares, fusion_weight_shares, mean_sh
 from ctxagg.bench import count_params
 from ctxagg.models.lesa import LESA_VARIANTS, PAPER_NUMBERS, LesaResNet
 
-TINY = dict(layers=(1, 1, 2, 2), channels=(16, 16, 32, 32), heads=4, img_size=64, num_classes=10)
+# zero_init_last=False: with timm's default zero-initialised bn3 every residual branch is silent at init
+TINY = dict(layers=(1, 1, 2, 2), channels=(16, 16, 32, 32), heads=4, img_size=64, num_classes=10, zero_init_last=False)
 
 
 def tiny(mixer: str, **kwargs) -> LesaResNet:
@@ -124,6 +125,9 @@ def test_gradients_reach_every_parameter(eval_mode):
     x = torch.randn(2, 32, 4, 4, requires_grad=True)
     layer(x).square().mean().backward()
     for name, p in layer.named_parameters():
+        if name == "attention.logit_norm.bias":  # a per-head constant on every logit: the softmax ignores it
+            assert p.grad is None or p.grad.abs().max() < 1e-6
+            continue
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert x.grad.abs().sum() > 0
 

@@ -6,10 +6,13 @@ from .depthwise import DepthwiseConvAffinity, conv_toeplitz
 from .mixture import GATES, AffinityMixture, expand_heads
 from .registry import AffinityContext, affinity_names, build_affinity, register_affinity
 from .token_mlp import TokenMlpAffinity
+from .key_only import KeyOnlyAttention
+from .lesa import AttentionAugmentedConv, LocallyEnhancedSelfAttention, RelativeSelfAttention2d
 
 __all__ = [
     "Affinity", "SelfAttentionAffinity", "DepthwiseConvAffinity", "GroupConvAffinity", "TokenMlpAffinity",
     "AffinityMixture", "AffinityContext", "ATTENTION_NORMS", "GATES", "apply_matrix", "split_heads",
     "merge_heads", "token_count", "conv_toeplitz", "expand_heads", "build_affinity", "register_affinity",
-    "affinity_names",
+    "affinity_names", "KeyOnlyAttention", "LocallyEnhancedSelfAttention", "RelativeSelfAttention2d",
+    "AttentionAugmentedConv",
 ]

@@ -42,7 +42,8 @@ def unary_removed(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def diagonal_shares(model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, float]]:
     """Model output on ``images`` and, per attention layer, the mean softmax weight of the diagonal
-    (averaged over images, heads and query positions; the binary share is one minus it)."""
+    (averaged over images, heads and query positions; the binary share is one minus it). Call it in eval
+    mode: the hook re-forms each attention matrix, which in training would update the logit BN twice."""
     shares: dict[str, float] = {}
 
     def record(name: str):

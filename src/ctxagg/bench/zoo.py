@@ -6,6 +6,7 @@ from typing import Any, Iterable, Optional
 
 import timm
 from timm.models._registry import model_entrypoint
+from timm.utils.model import reparameterize_model
 import torch
 
 from ..models import model_names, paper_numbers
@@ -32,12 +33,14 @@ def model_rows(patterns: Iterable[str] = ("*",), flops: bool = True, img_size: i
         model = timm.create_model(name).eval()
         paper = papers.get(name, {})
         params = count_params(model) / 1e6
+        if paper.get("params_deployed"):  # the paper counts the re-parameterised (deploy-time) model
+            params = count_params(reparameterize_model(model, inplace=False)) / 1e6
         gmacs = count_gmacs(model, (3, img_size, img_size)) if flops else None
         rows.append(dict(
             name=name, family=_family(name),
             params_m=params, paper_params_m=paper.get("params"), params_gap=_gap(params, paper.get("params")),
             gmacs=gmacs, paper_gflops=paper.get("gflops"), gflops_gap=_gap(gmacs, paper.get("gflops")),
-            source=paper.get("source", ""),
+            source=paper.get("source", "") + (" (deployed count)" if paper.get("params_deployed") else ""),
         ))
         del model
     return rows

@@ -5,12 +5,12 @@ from typing import Any
 
 from timm.models._registry import _model_entrypoints
 
-from . import container
+from . import container, lesa, linglos
 from .container import ContainerNet
 
-__all__ = ["ContainerNet", "container", "model_names", "paper_numbers"]
+__all__ = ["ContainerNet", "container", "lesa", "linglos", "model_names", "paper_numbers"]
 
-_FAMILIES = [container]
+_FAMILIES = [container, lesa, linglos]
 
 
 def model_names() -> list[str]:
