@@ -7,6 +7,7 @@ from .mixture import GATES, AffinityMixture, expand_heads
 from .registry import AffinityContext, affinity_names, build_affinity, register_affinity
 from .token_mlp import TokenMlpAffinity
 from .key_only import KeyOnlyAttention
+from .dw_attention import DepthwiseSelfAttention
 from .lesa import AttentionAugmentedConv, LocallyEnhancedSelfAttention, RelativeSelfAttention2d
 
 __all__ = [
@@ -14,5 +15,5 @@ __all__ = [
     "AffinityMixture", "AffinityContext", "ATTENTION_NORMS", "GATES", "apply_matrix", "split_heads",
     "merge_heads", "token_count", "conv_toeplitz", "expand_heads", "build_affinity", "register_affinity",
     "affinity_names", "KeyOnlyAttention", "LocallyEnhancedSelfAttention", "RelativeSelfAttention2d",
-    "AttentionAugmentedConv",
+    "AttentionAugmentedConv", "DepthwiseSelfAttention",
 ]

@@ -5,12 +5,12 @@ from typing import Any
 
 from timm.models._registry import _model_entrypoints
 
-from . import container, lesa, linglos
+from . import container, lesa, linglos, vit
 from .container import ContainerNet
 
-__all__ = ["ContainerNet", "container", "lesa", "linglos", "model_names", "paper_numbers"]
+__all__ = ["ContainerNet", "container", "lesa", "linglos", "vit", "model_names", "paper_numbers"]
 
-_FAMILIES = [container, lesa, linglos]
+_FAMILIES = [container, lesa, linglos, vit]  # vit.PAPER_NUMBERS also holds the Swin rows
 
 
 def model_names() -> list[str]:

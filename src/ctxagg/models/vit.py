@@ -1,0 +1,345 @@
+"""DeiT-style ViTs with ctxagg affinities: the softmax ablation (§4.2, Table 2) and depth-wise ViTs
+(§4.3, Table 3) of "Vision Transformers are Dynamic Convolutions" (vit_as_dynamic_conv.txt).
+
+Names are ``<base>_<norm>_<pos>[_gap]``: ``deit_s_scale_relu_rel``; ``deit_s``/``deit_b`` are softmax with
+absolute position embeddings, ``*_dw_<pos>`` the depth-wise self-attention of Eq. 5. The Swin rows of the
+same tables live in :mod:`ctxagg.models.swin` (imported at the end of this module, so importing it
+registers every row); :data:`PAPER_NUMBERS` holds the targets of both.
+
+Relative position embedding for DeiT ("Rel"): §4.2 "swap[s] the positional embedding methods between the
+ViT and Swin Transformer", so it is Swin's — a learned bias table of (2·14−1)² entries per head per block,
+indexed by the 2-D offset between patch tokens and added to the scaled scores (Eq. 4:
+``(q_i kᵀ/√C_h + p_i) v``), replacing the absolute embedding. Paper-silent details, fixed by Table 3:
+one table per block, and the class token gets no bias (zero row and column): DeiT-S
+22.051 − 197·384 + 12·6·729 = 22.028M, DeiT-B 86.568 − 197·768 + 12·12·729 = 86.521M (BEiT-style extra
+class-token entries would give 86.522M); the activations 10.351M (scaling) and 8.241M (depth-wise) need
+``p`` on the 196 patch tokens only (a 196×196 ``P·V`` or ``P·K``).
+
+Measures: GFLOPs are ``ctxagg.bench.count_gmacs`` (matmuls, convolutions, fused attention). The paper's
+counter (fvcore) also charges LayerNorm 5 FLOPs an element (DeiT-S: 9.5M), so ours read 0.2-0.8% lower;
+neither counts element-wise ops such as depth-wise attention's ``q ⊙ k̄`` and mean (DeiT-S depth-wise abs
+3.902 = 4.608 − the value projection − both attention matmuls, exactly). Activations are
+:func:`ctxagg.bench.activations.count_activations`; they match Table 3 to the thousand.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ..affinity.attention import ATTENTION_NORMS, SelfAttentionAffinity
+from ..affinity.base import Affinity, merge_heads, split_heads, token_count
+from ..affinity.dw_attention import DepthwiseSelfAttention
+from ..blocks.aggregation import TokenAggregationBlock
+
+__all__ = ["AffinityViT", "ViTBlock", "RelativePositionBias", "RelPosSelfAttention", "TokenGrid",
+           "VIT_VARIANTS", "PAPER_NUMBERS", "checkpoint_filter_fn"]
+
+POSITIONS = ("abs", "rel")
+
+# --- the published numbers: GFLOPs (fvcore MACs), parameters (M), activations (M) at 224² -----------------
+# ``unmatched``: measures no consistent construction reproduces, with what this implementation gives and ``note`` why.
+_T3 = dict(source="ViT-as-DynConv Table 3", params_tol=0.01, gflops_tol=0.03, activations_tol=0.05)
+_T2 = dict(source="ViT-as-DynConv Table 2")
+
+
+def _t3(gflops: float, params: float, activations: float, **extra: Any) -> dict[str, Any]:
+    return {"gflops": gflops, "params": params, "activations": activations, **_T3, **extra}
+
+
+PAPER_NUMBERS: dict[str, dict[str, Any]] = {
+    "deit_s": _t3(4.608, 22.051, 11.947),
+    "deit_s_none_abs": dict(_T2),
+    "deit_s_scale_abs": _t3(4.366, 22.051, 9.448),
+    "deit_s_scale_relu_abs": dict(_T2),
+    "deit_s_softmax_rel": _t3(4.608, 22.028, 11.947),
+    "deit_s_scale_rel": _t3(4.543, 22.028, 10.351),
+    "deit_s_scale_relu_rel": dict(_T2),
+    "deit_s_layernorm_rel": dict(_T2),
+    "deit_s_layernorm_rel_gap": dict(_T2),
+    "deit_s_ln_relu_rel_gap": dict(_T2),
+    "deit_s_dw_abs": _t3(3.902, 20.277, 7.337),
+    "deit_s_dw_rel": _t3(4.079, 20.253, 8.241),
+    "deit_b": _t3(17.582, 86.568, 23.895),
+    "deit_b_softmax_rel": _t3(17.582, 86.521, 23.895),
+    "deit_b_dw_rel": _t3(15.830, 79.434, 16.481),
+    "swin_t": _t3(4.508, 28.288, 17.054),
+    "swin_t_none_rel": dict(_T2),
+    "swin_t_scale_rel": _t3(4.508, 28.288, 17.054),
+    "swin_t_scale_relu_rel": dict(_T2),
+    "swin_t_layernorm_rel": dict(_T2),
+    "swin_t_ln_relu_rel": dict(_T2),
+    "swin_t_softmax_abs": dict(_T2),
+    "swin_t_scale_abs": dict(_T2),
+    "swin_t_scale_relu_abs": dict(_T2),
+    "swin_t_dw": _t3(4.141, 26.850, 14.112, unmatched={"params": 26.127394}, note=(
+        "26.850M is not reachable with the construction that reproduces Swin-B depth-wise exactly (80.777M) "
+        "and both depth-wise activation counts: dropping the value projection from Swin-T gives 26.127M")),
+    "swin_b": _t3(15.467, 87.768, 36.625),
+    "swin_b_scale_rel": _t3(15.468, 87.768, 38.930, unmatched={"activations": 36.625344}, note=(
+        "38.930M exceeds softmax Swin-B (36.625M) by exactly one extra window-attention-sized tensor per "
+        "shifted block (2.305M), while Swin-T scaling equals Swin-T softmax (17.054M): the two rows were "
+        "measured on different code; we count the explicit attention once, as for Swin-T")),
+    "swin_b_dw": _t3(14.192, 80.777, 30.256),
+}
+
+
+class TokenGrid:
+    """The (H, W) patch grid of the current forward pass, shared by a ViT and its blocks (the blocks see
+    flattened tokens only; relative positions need the grid, which changes with ``dynamic_img_size``)."""
+
+    def __init__(self, size: Sequence[int]):
+        self.size = tuple(size)
+
+
+def relative_position_index(grid: Sequence[int], table_grid: Sequence[int], device=None) -> Tensor:
+    """(N, N) index into a ((2·Th−1)·(2·Tw−1)) table of the 2-D offset ``c_i − c_j`` between grid cells
+    (Swin's layout). Offsets beyond the table's range are clamped to its border (paper-silent)."""
+    (h, w), (th, tw) = grid, table_grid
+    coords = torch.stack(torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                        indexing="ij")).flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]
+    dy = rel[0].clamp(-(th - 1), th - 1) + th - 1
+    dx = rel[1].clamp(-(tw - 1), tw - 1) + tw - 1
+    return dy * (2 * tw - 1) + dx
+
+
+class RelativePositionBias(nn.Module):
+    """Learned relative position bias ``p`` (Swin §3.2; the "Rel" position embedding of
+    vit_as_dynamic_conv.txt Table 2/3 and the ``p_i`` of Eq. 4-5): one scalar per head per 2-D offset."""
+
+    def __init__(self, heads: int, grid: Sequence[int]):
+        super().__init__()
+        self.heads = heads
+        self.grid = tuple(to_2tuple(grid))
+        self.table = nn.Parameter(torch.zeros((2 * self.grid[0] - 1) * (2 * self.grid[1] - 1), heads))
+        self.register_buffer("index", relative_position_index(self.grid, self.grid), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.table, std=0.02)  # as Swin
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, grid={self.grid}"
+
+    def set_grid(self, grid: Sequence[int]) -> None:
+        """Rebuild for a new grid, resampling the table bicubically (as timm does for Swin windows)."""
+        grid = tuple(to_2tuple(grid))
+        if grid == self.grid:
+            return
+        old = self.table.detach().t().reshape(1, self.heads, 2 * self.grid[0] - 1, 2 * self.grid[1] - 1)
+        new = F.interpolate(old, size=(2 * grid[0] - 1, 2 * grid[1] - 1), mode="bicubic", align_corners=False)
+        self.table = nn.Parameter(new.reshape(self.heads, -1).t().contiguous())
+        self.grid = grid
+        self.index = relative_position_index(grid, grid, device=self.table.device)
+
+    def forward(self, grid: Optional[Sequence[int]] = None) -> Tensor:
+        """(1, heads, N, N) bias for the tokens of ``grid`` (default: the grid it was built for)."""
+        grid = self.grid if grid is None else tuple(grid)
+        index = self.index if grid == self.grid else relative_position_index(grid, self.grid, self.table.device)
+        n = grid[0] * grid[1]
+        return self.table[index.reshape(-1)].reshape(n, n, self.heads).permute(2, 0, 1).unsqueeze(0)
+
+
+class RelPosSelfAttention(SelfAttentionAffinity):
+    """:class:`SelfAttentionAffinity` with a relative position bias ``p`` on the *last* N_b tokens
+    (leading class tokens get none), in token layout (B, N, C).
+
+    For the linear normalisers (``none``, ``scale``) it computes Eq. 4 the linear-time way,
+    ``norm(QKᵀ/√d + P)·V = Q(KᵀV)·c + norm(P)·V``, never forming QKᵀ — as the paper's DeiT-S scaling-rel
+    row counts it (4.543 GFLOPs, 10.351M activations). ``matrix()`` is the same N×N affinity either way.
+    """
+
+    def _padded(self, attn_bias: Tensor, n: int) -> Tensor:
+        pad = n - attn_bias.shape[-1]
+        return F.pad(attn_bias, (pad, 0, pad, 0)) if pad else attn_bias
+
+    def forward(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
+                attn_bias: Optional[Tensor] = None) -> Tensor:
+        if attn_bias is None:
+            return super().forward(v, q, k)
+        if v.ndim != 3:
+            raise ValueError("RelPosSelfAttention works on (B, N, C) tokens")
+        n, nb = v.shape[1], attn_bias.shape[-1]
+        if self.norm in ("none", "scale") and not (self.training and self.attn_drop > 0):
+            out = super().forward(v, q, k)  # the Q(KᵀV) fast path
+            # the normaliser is linear here: norm(S + P) = norm(S) + norm(P), with norm(P) = P or P / N
+            p = attn_bias / (n if self.norm == "scale" else 1)
+            rel = merge_heads(p.to(v.dtype) @ split_heads(v[:, n - nb:], self.heads), (0, nb, 0))
+            return torch.cat([out[:, :n - nb], out[:, n - nb:] + rel], 1) if nb < n else out + rel
+        return super().forward(v, q, k, attn_bias=self._padded(attn_bias, n).to(v.dtype))
+
+    def matrix(self, v_shape: Sequence[int], q: Optional[Tensor] = None, k: Optional[Tensor] = None,
+               attn_bias: Optional[Tensor] = None) -> Tensor:
+        bias = None if attn_bias is None else self._padded(attn_bias, token_count(v_shape)).to(q.dtype)
+        return super().matrix(v_shape, q, k, attn_bias=bias)
+
+    def macs(self, tokens: int) -> int:
+        if self.norm in ("none", "scale"):
+            return super().macs(tokens) + tokens * tokens * self.dim  # plus P·V
+        return super().macs(tokens)
+
+
+class ViTBlock(TokenAggregationBlock):
+    """The DeiT block (LN → qkv → affinity → proj, LN → MLP) with any token affinity and an optional
+    relative position bias (vit_as_dynamic_conv.txt Eq. 2, 4, 5). With a value-free affinity (depth-wise
+    self-attention, Eq. 5) the input projection makes only q and k, and the keys are aggregated."""
+
+    def __init__(self, dim: int, affinity: Affinity, rel_pos: Optional[RelativePositionBias] = None,
+                 grid: Optional[TokenGrid] = None, qkv_bias: bool = True, **kwargs: Any):
+        super().__init__(dim, affinity, qkv_bias=qkv_bias, **kwargs)
+        self.uses_value = getattr(affinity, "uses_value", True)
+        if not self.uses_value:
+            self.proj_in = nn.Linear(dim, 2 * dim, bias=qkv_bias)  # Eq. 5 discards the value kernel bank
+        self.rel_pos = rel_pos
+        self.grid = grid
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        if self.uses_value:
+            return super().qkv(x)
+        q, k = self.proj_in(self.norm1(x)).chunk(2, dim=-1)
+        return k, q, None  # the keys play the role of V
+
+    def forward(self, x: Tensor) -> Tensor:
+        v, q, k = self.qkv(x)
+        extra = {} if self.rel_pos is None else {"attn_bias": self.rel_pos(self.grid.size if self.grid else None)}
+        x = x + self.drop_path1(self.proj_drop(self.proj_out(self.affinity(v, q, k, **extra))))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def _vit_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_drop: float = 0.0,
+               attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer=nn.LayerNorm, act_layer=nn.GELU,
+               attn_norm: str = "softmax", depthwise: bool = False, grid: Optional[TokenGrid] = None,
+               **_: Any) -> ViTBlock:
+    """timm ``block_fn``: the extra timm arguments (qk_norm, init_values, ...) are not used by DeiT."""
+    if depthwise:
+        affinity: Affinity = DepthwiseSelfAttention(dim, num_heads)
+    else:
+        affinity = RelPosSelfAttention(dim, num_heads, norm=attn_norm, attn_drop=attn_drop)
+    rel_pos = RelativePositionBias(num_heads, grid.size) if grid is not None else None
+    return ViTBlock(dim, affinity, rel_pos=rel_pos, grid=grid, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                    norm_layer=norm_layer, act_layer=act_layer, drop=proj_drop, drop_path=drop_path)
+
+
+class AffinityViT(VisionTransformer):
+    """DeiT (patch 16, class token or global average pooling) whose blocks mix tokens with a ctxagg affinity:
+    self-attention with the normaliser ``attn_norm`` (vit_as_dynamic_conv.txt §4.2) or, with
+    ``depthwise=True``, depth-wise self-attention (§4.3, Eq. 5); ``pos`` is ``"abs"`` (learned absolute
+    embedding, DeiT) or ``"rel"`` (per-block relative position bias, see the module docstring).
+
+    Built on timm's ``VisionTransformer``: ``dynamic_img_size=True`` resamples the absolute embedding and
+    re-indexes the relative bias for the input's grid; ``forward_intermediates``/``features_only`` as timm.
+    """
+
+    def __init__(self, attn_norm: str = "softmax", depthwise: bool = False, pos: str = "abs", **kwargs: Any):
+        if attn_norm not in ATTENTION_NORMS:
+            raise ValueError(f"unknown attn_norm {attn_norm!r}; choose one of {ATTENTION_NORMS}")
+        if pos not in POSITIONS:
+            raise ValueError(f"unknown pos {pos!r}; choose one of {POSITIONS}")
+        img, patch = to_2tuple(kwargs.get("img_size", 224)), to_2tuple(kwargs.get("patch_size", 16))
+        grid = TokenGrid((img[0] // patch[0], img[1] // patch[1]))
+        kwargs["block_fn"] = partial(_vit_block, attn_norm=attn_norm, depthwise=depthwise,
+                                     grid=grid if pos == "rel" else None)
+        if pos == "rel":
+            kwargs["pos_embed"] = "none"
+        super().__init__(**kwargs)
+        self.attn_norm, self.depthwise, self.pos = attn_norm, depthwise, pos
+        self.token_grid = grid
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        # record the grid for the blocks' relative bias: (B, H, W, C) with dynamic_img_size, else the built one
+        self.token_grid.size = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(self.patch_embed.grid_size)
+        return super()._pos_embed(x)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {n for n, _ in self.named_parameters() if n.endswith("rel_pos.table")}
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Load a timm/DeiT ``VisionTransformer`` state dict: ``attn.qkv`` -> ``proj_in``, ``attn.proj`` -> ``proj_out``
+    (a value-free model keeps the q and k rows); absolute embeddings are resampled by timm's filter."""
+    from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter
+    state_dict = state_dict.get("model", state_dict)
+    own = model.state_dict()
+    out = {}
+    for key, value in state_dict.items():
+        key = key.replace(".attn.qkv.", ".proj_in.").replace(".attn.proj.", ".proj_out.")
+        if key.endswith(("proj_in.weight", "proj_in.bias")) and key in own and own[key].shape[0] < value.shape[0]:
+            value = value[: own[key].shape[0]]  # q, k rows of a q, k, v projection
+        out[key] = value
+    if getattr(model, "pos_embed", None) is None:
+        out.pop("pos_embed", None)
+    return timm_filter(out, model)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs}
+
+
+_DEIT_BASES: dict[str, dict[str, Any]] = {
+    # DeiT-S/B (Touvron et al.); stochastic depth 0.1 as Table 4 (DeiT models share its hyper-parameters)
+    "deit_s": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1),
+    "deit_b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1),
+}
+_GAP = dict(class_token=False, global_pool="avg")  # "replace the class embedding ... with global average pooling"
+
+# name -> model arguments: every DeiT row of Tables 2 and 3
+VIT_VARIANTS: dict[str, dict[str, Any]] = {
+    "deit_s": dict(base="deit_s"),
+    "deit_s_none_abs": dict(base="deit_s", attn_norm="none"),
+    "deit_s_scale_abs": dict(base="deit_s", attn_norm="scale"),
+    "deit_s_scale_relu_abs": dict(base="deit_s", attn_norm="scale_relu"),
+    "deit_s_softmax_rel": dict(base="deit_s", pos="rel"),
+    "deit_s_scale_rel": dict(base="deit_s", attn_norm="scale", pos="rel"),
+    "deit_s_scale_relu_rel": dict(base="deit_s", attn_norm="scale_relu", pos="rel"),
+    "deit_s_layernorm_rel": dict(base="deit_s", attn_norm="layernorm", pos="rel"),
+    "deit_s_layernorm_rel_gap": dict(base="deit_s", attn_norm="layernorm", pos="rel", **_GAP),
+    "deit_s_ln_relu_rel_gap": dict(base="deit_s", attn_norm="ln_relu", pos="rel", **_GAP),
+    "deit_s_dw_abs": dict(base="deit_s", depthwise=True),
+    "deit_s_dw_rel": dict(base="deit_s", depthwise=True, pos="rel"),
+    "deit_b": dict(base="deit_b"),
+    "deit_b_softmax_rel": dict(base="deit_b", pos="rel"),
+    "deit_b_dw_rel": dict(base="deit_b", depthwise=True, pos="rel"),
+}
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in VIT_VARIANTS})
+
+
+def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    spec = dict(VIT_VARIANTS[variant])
+    args = {**_DEIT_BASES[spec.pop("base")], **spec, **kwargs}
+    out_indices = args.pop("out_indices", 3)
+    return build_model_with_cfg(AffinityViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    norm = spec.get("attn_norm", "softmax")
+    kind = "depth-wise self-attention (Eq. 5)" if spec.get("depthwise") else f"{norm} attention (§4.2)"
+    pos = "relative position bias" if spec.get("pos") == "rel" else "absolute position embedding"
+    pool = ", global average pooling" if spec.get("global_pool") == "avg" else ", class token"
+    return f"{dict(deit_s='DeiT-S', deit_b='DeiT-B')[spec['base']]} with {kind}, {pos}{pool}"
+
+
+def _entrypoint(name: str):
+    def entry(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+        return _create_vit(name, pretrained, **kwargs)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"{_describe(VIT_VARIANTS[name])} ({PAPER_NUMBERS[name]['source']})."
+    return register_model(entry)
+
+
+for _name in VIT_VARIANTS:
+    globals()[_name] = _entrypoint(_name)
+
+from . import swin as _swin  # noqa: E402,F401  (registers the Swin rows; swin.py imports from this module)
