@@ -121,3 +121,14 @@ def test_ddp_on_two_cpu_processes_equals_single_process_training(tmp_path):
     moved = [k for k, v in init.state_dict().items() if not torch.allclose(v, a[f"model.{k}"])]
     assert len(moved) > 10  # 4 steps really trained (so the equality above is not trivial)
     assert meta_b["history"][0]["train_loss"] == pytest.approx(meta_a["history"][0]["train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("model", ["container_light", "container_pam", "linglo_b0", "resnet50_lesa", "deit_s_dw_rel",
+                                   "swin_t_scale_relu_rel"])
+def test_every_family_trains_on_cifar_size_input(tmp_path, model):
+    cfg = TrainConfig(model=model, data="digits", img_size=32, batch_size=8, epochs=1, fraction=0.05, max_steps=2,
+                      recipe="light", output=str(tmp_path / model), val_fraction=0.05)
+    result = train(cfg, progress=False)
+    assert result.history[0]["steps"] == 2 and result.history[0]["train_loss"] > 0
+    meta = load_checkpoint(tmp_path / model / "model.safetensors")[1]
+    assert meta["config"]["img_size"] == 32

@@ -203,7 +203,7 @@ class LinGloNet(StagedBackbone):
                  conv_expand_ratio: float = 4.0, qkv_bias: bool = True, img_size: Any = 224, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg", drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 model_name: str = "linglo", **kwargs):
+                 stem: Sequence[int] = (7, 4, 3), model_name: str = "linglo", **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"unexpected arguments for {model_name}: {sorted(kwargs)}")
@@ -217,7 +217,7 @@ class LinGloNet(StagedBackbone):
         stages, strides, stride, prev_dim, offset = [], [], 1, in_chans, 0
         for i, (dim, depth, head, ratio, kind) in enumerate(zip(dims, depths, heads, mlp_ratios, stage_types)):
             if patch_sizes is None:
-                kernel, step, pad = (7, 4, 3) if i == 0 else (3, 2, 1)
+                kernel, step, pad = tuple(stem) if i == 0 else (3, 2, 1)
             else:
                 kernel, step, pad = patch_sizes[i], patch_sizes[i], 0
             stride *= step

@@ -1,10 +1,11 @@
 """The run configuration of `ctxagg train`, with the papers' recipes as presets."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-__all__ = ["TrainConfig", "RECIPES", "small_input_overrides"]
+__all__ = ["TrainConfig", "RECIPES", "input_size_overrides"]
 
 
 @dataclass
@@ -89,14 +90,65 @@ class TrainConfig:
             problems.append(f"Mixup/CutMix mixes pairs and needs an even --batch-size, got {self.batch_size}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        problems += self._range_problems()
         kind, _, path = self.data.partition(":")
         if kind not in ("digits", "imagefolder", "cifar10", "mnist") or (kind != "digits" and not path):
             problems.append(f"unknown --data {self.data!r}; use one of {', '.join(DATA_SPECS)}")
         elif path and not Path(path).expanduser().exists():
             problems.append(f"--data path {path} does not exist")
+        elif kind == "imagefolder" and not Path(path).expanduser().is_dir():
+            problems.append(f"--data imagefolder:{path} is not a folder")
+        if Path(self.output).expanduser().exists() and not Path(self.output).expanduser().is_dir():
+            problems.append(f"--output {self.output} exists and is not a folder")
         if problems:
             raise ValueError("invalid training settings:\n  " + "\n  ".join(problems))
         return self
+
+    def _range_problems(self) -> list[str]:
+        """Numbers outside their meaningful range, unknown optimiser/scheduler/device, malformed model kwargs."""
+        import timm.optim
+        import torch
+
+        problems = []
+
+        def need(ok: bool, flag: str, rule: str, value: Any) -> None:
+            if value is not None and not ok:
+                problems.append(f"--{flag} must be {rule}, got {value}")
+
+        need(self.workers >= 0, "workers", "0 or more", self.workers)
+        need(self.max_steps is None or self.max_steps >= 1, "max-steps", "at least 1", self.max_steps)
+        need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr", "a positive number", self.lr)
+        for flag, value, lo, hi, rule in (
+                ("weight-decay", self.weight_decay, 0, math.inf, "0 or more"),
+                ("momentum", self.momentum, 0, 1, "in [0, 1]"),
+                ("warmup-epochs", self.warmup_epochs, 0, math.inf, "0 or more"),
+                ("min-lr", self.min_lr, 0, math.inf, "0 or more"),
+                ("warmup-lr", self.warmup_lr, 0, math.inf, "0 or more"),
+                ("label-smoothing", self.label_smoothing, 0, 0.999999, "in [0, 1)"),
+                ("mixup", self.mixup, 0, math.inf, "0 or more"),
+                ("cutmix", self.cutmix, 0, math.inf, "0 or more"),
+                ("reprob", self.reprob, 0, 1, "in [0, 1]"),
+                ("hflip", self.hflip, 0, 1, "in [0, 1]"),
+                ("scale-min", self.scale_min, 1e-9, 1, "in (0, 1]"),
+                ("drop-path", self.drop_path, 0, 0.999999, "in [0, 1)"),
+                ("clip-grad", self.clip_grad, 0, math.inf, "0 or more (0: off)")):
+            need(value is None or lo <= value <= hi, flag, rule, value)
+        if self.opt is not None and self.opt.lower().split("_")[-1] not in timm.optim.list_optimizers():
+            problems.append(f"unknown --opt {self.opt!r} (timm optimisers: timm.optim.list_optimizers())")
+        if self.sched not in ("cosine", "tanh", "step", "multistep", "poly", "constant", "rsqrt"):
+            problems.append(f"unknown --sched {self.sched!r}; use cosine, tanh, step, multistep, poly, constant or "
+                            "rsqrt")
+        try:
+            device = torch.device("cuda" if self.device == "auto" else self.device)
+        except RuntimeError as exc:
+            problems.append(f"unknown --device {self.device!r} ({exc})")
+        else:
+            if self.device != "auto" and device.type == "cuda" and not torch.cuda.is_available():
+                problems.append(f"--device {self.device} but CUDA is not available here (use --device cpu or auto)")
+        if not isinstance(self.model_kwargs, dict):
+            problems.append(f"--model-kwargs must be a JSON object like '{{\"dims\": [8, 8, 16, 16]}}', got "
+                            f"{type(self.model_kwargs).__name__}")
+        return problems
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,23 +175,32 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def small_input_overrides(model: str, img_size: int) -> dict[str, Any]:
-    """Model arguments that adapt a 224²-designed backbone to small (≤ 64²) images.
+def input_size_overrides(model: str, img_size: int) -> dict[str, Any]:
+    """Model arguments for training at ``img_size``; backbones designed for 224² are adapted to small
+    (≤ 64²) images so their last stage keeps a 2×2 map at 32² input:
 
-    Container family: patch sizes (2, 2, 2, 2) instead of (4, 2, 2, 2), so a 32² image gives 16², 8², 4², 2²
-    stage grids (total stride 16) rather than 8², 4², 2², 1². Families without an entry keep their layout.
+    - Container family: patch sizes (2, 2, 2, 2) instead of (4, 2, 2, 2) (stage grids 16², 8², 4², 2²);
+      Container-PAM (a ViT): 4×4 patches;
+    - LinGlos: a (3, 2, 1) conv stem instead of (7, 4, 3) (same 16², 8², 4², 2² grids);
+    - DeiT: 4×4 patches (8×8 tokens at 32²); Swin: 2×2 patches and 4×4 windows;
+    - LESA ResNets keep torchvision's stem (final map 2×2 at 32² since stage 4 has stride 1).
+    Every family also gets ``img_size`` where its constructor sizes something by it (fixed-size token
+    MLPs, position embeddings, relative-position tables).
     """
-    if img_size > 64:
-        return {}
     from timm.models._registry import model_entrypoint
 
     family = model_entrypoint(model).__module__.split(".")[-1]
-    overrides = SMALL_INPUT_PRESETS.get(family, {})
+    small = img_size <= 64
     if family == "container" and model == "container_pam":
-        return {}
-    return dict(overrides)
-
-
-SMALL_INPUT_PRESETS: dict[str, dict[str, Any]] = {
-    "container": dict(patch_sizes=(2, 2, 2, 2)),
-}
+        return dict(img_size=img_size, **(dict(patch_size=4) if small else {}))
+    if family == "container":
+        return dict(img_size=img_size, **(dict(patch_sizes=(2, 2, 2, 2)) if small else {}))
+    if family == "linglos":
+        return dict(img_size=img_size, **(dict(stem=(3, 2, 1)) if small else {}))
+    if family == "swin":
+        return dict(img_size=img_size, **(dict(patch_size=2, window_size=4) if small else {}))
+    if family == "vit":
+        return dict(img_size=img_size, **(dict(patch_size=4) if small else {}))
+    if family == "lesa":
+        return dict(img_size=img_size)
+    return {}

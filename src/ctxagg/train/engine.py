@@ -29,9 +29,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..checks import add_input_checks
 from .checkpoint import (load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat, rng_state,
                          save_checkpoint, set_rng_state)
-from .config import TrainConfig, small_input_overrides
+from .config import TrainConfig, input_size_overrides
 from .data import ArrayDataset, ImageArrays, load_dataset
 
 __all__ = ["train", "build_model", "build_eval_transform", "TrainResult", "NonFiniteLossError"]
@@ -40,7 +41,50 @@ log = logging.getLogger("ctxagg.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf."""
+    """The loss (or the weights) became NaN or Inf."""
+
+
+# temp files atomic_write leaves only when the process is killed mid-write (SIGKILL, power loss)
+_RUN_FILES = ("last.safetensors", "model.safetensors", "model_best.safetensors", "metrics.csv", "config.json")
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    for name in _RUN_FILES:
+        for tmp in out.glob(f".{name}.*.tmp"):
+            log.warning("removing %s, left by an interrupted checkpoint write", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _resume_state(resume: str, cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
+    """Config, tensors and JSON state of the run to resume, or a clear error before any work starts."""
+    ckpt_path = Path(resume)
+    if ckpt_path.is_dir():
+        ckpt_path = ckpt_path / "last.safetensors"
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume {resume}: no last.safetensors in that folder (a run writes it at the "
+                                    "end of its first epoch)")
+    elif not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume {resume} does not exist")
+    tensors, meta = load_checkpoint(ckpt_path)
+    if not all(key in meta for key in ("config", "epoch", "history", "optimizer", "rng")):
+        raise ValueError(f"--resume {ckpt_path} is not a resumable training state (it has no optimiser and RNG "
+                         "state); resume from the run's last.safetensors")
+    saved = TrainConfig.from_json(meta["config"])
+    if saved.model != cfg.model or saved.data != cfg.data:
+        raise ValueError(f"--resume {ckpt_path}: that run trained {saved.model!r} on {saved.data!r}, "
+                         f"not {cfg.model!r} on {cfg.data!r}")
+    # the run's own settings, except where to write, how long to run and how to survive faults
+    cfg = TrainConfig(**{**saved.to_json(), "output": cfg.output, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+                         "workers": cfg.workers, "skip_nonfinite": saved.skip_nonfinite or cfg.skip_nonfinite,
+                         "skip_bad_images": saved.skip_bad_images or cfg.skip_bad_images}).resolved()
+    return cfg, tensors, meta
+
+
+def _check_finite_weights(model: nn.Module, what: str, epoch: int) -> None:
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLossError(f"{what} weights became non-finite during epoch {epoch} ({len(bad)} tensors, e.g. "
+                                 f"{bad[0]}); stopping without overwriting the checkpoints of the previous epoch")
 
 
 @dataclass
@@ -83,11 +127,11 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The model a run trains: registry name + classes + small-input preset + user overrides."""
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path or 0.0)
-    kwargs.update(small_input_overrides(cfg.model, cfg.img_size))
-    if timm.get_pretrained_cfg_value(cfg.model, "fixed_input_size"):
-        kwargs["img_size"] = cfg.img_size
+    kwargs.update(input_size_overrides(cfg.model, cfg.img_size))
     kwargs.update(cfg.model_kwargs)
-    return timm.create_model(cfg.model, **kwargs)
+    model = timm.create_model(cfg.model, **kwargs)
+    add_input_checks(model)  # every family refuses wrong channels/dtype/size and empty batches by name
+    return model
 
 
 def build_eval_transform(img_size: int, mean, std) -> Callable:
@@ -185,8 +229,9 @@ def _state_tensors(model: nn.Module, optimizer, ema: Optional[ModelEmaV3]) -> tu
 def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
     from .checkpoint import atomic_write
     keys = [k for k in history[0] if k != "confusion"]
-    lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k]) for k in keys)
-                                for h in history]
+    keys += [k for h in history[1:] for k in h if k not in keys and k != "confusion"]
+    lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h.get(k), float) else str(h.get(k, ""))
+                                         for k in keys) for h in history]
     atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
@@ -195,15 +240,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True)
     cfg = cfg.resolved()
     start_epoch, history, resume_state = 0, [], None
     if resume:
-        ckpt_path = Path(resume)
-        ckpt_path = ckpt_path / "last.safetensors" if ckpt_path.is_dir() else ckpt_path
-        tensors, meta = load_checkpoint(ckpt_path)
-        saved = TrainConfig.from_json(meta["config"])
-        if saved.model != cfg.model or saved.data != cfg.data:
-            raise ValueError(f"--resume {ckpt_path}: that run trained {saved.model!r} on {saved.data!r}, "
-                             f"not {cfg.model!r} on {cfg.data!r}")
-        cfg = TrainConfig(**{**saved.to_json(), "output": cfg.output, "epochs": cfg.epochs,
-                             "max_steps": cfg.max_steps, "workers": cfg.workers}).resolved()
+        cfg, tensors, meta = _resume_state(resume, cfg)
         resume_state = (tensors, meta)
         start_epoch, history = meta["epoch"] + 1, meta["history"]
 
@@ -215,6 +252,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True)
     out = Path(cfg.output)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(out)
     seed_everything(cfg.seed)
 
     train_arrays, val_arrays = load_dataset(cfg.data, cfg.val_fraction, cfg.seed, decode_size=None,
@@ -236,6 +274,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True)
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_arrays.labels)} training images are fewer than one batch of "
                          f"{cfg.batch_size}; lower --batch-size")
+    if len(val_arrays.labels) == 0:
+        raise ValueError(f"the validation split of {cfg.data} is empty; raise --val-fraction or add a val/ folder")
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
                                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
                                        step_on_epochs=False, updates_per_epoch=len(train_loader))
@@ -272,7 +312,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True)
             break
         model.train()
         train_loader.sampler.set_epoch(epoch)
-        seen = correct = 0
+        seen = correct = skipped = 0
         loss_sum, t0 = 0.0, time.perf_counter()
         bar = _progress(train_loader, epoch, cfg.epochs, enabled=progress and rank == 0)
         for batch_idx, (images, targets) in enumerate(bar):
@@ -285,11 +325,17 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True)
             with autocast:
                 logits = model(images)
             loss = criterion(logits.float(), targets)
-            if not torch.isfinite(loss):
-                message = f"non-finite loss {loss.item()} at epoch {epoch}, batch {batch_idx} (step {steps})"
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:  # every process must take (or skip) the step together, or DDP's all-reduce hangs
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
+                message = (f"non-finite loss {loss.item()} at epoch {epoch}, batch {batch_idx} (step {steps}, "
+                           f"lr {optimizer.param_groups[0]['lr']:.3g})")
                 if not cfg.skip_nonfinite:
-                    raise NonFiniteLossError(message + "; stopping (use --skip-nonfinite to skip such steps)")
-                log.warning("%s: step skipped", message)
+                    raise NonFiniteLossError(message + "; stopping, the checkpoints of the last finished epoch are "
+                                             "kept (use --skip-nonfinite to skip such steps, or lower --lr)")
+                skipped += 1
+                log.warning("%s: step skipped (%d this epoch)", message, skipped)
                 optimizer.zero_grad(set_to_none=True)
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -307,6 +353,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.1f}",
                                 img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
+        if skipped and seen == 0:
+            raise NonFiniteLossError(f"every one of the {skipped} steps of epoch {epoch} had a non-finite loss; "
+                                     "stopping (the weights or the data are broken: lower --lr, check the data)")
         scheduler.step(epoch + 1)
         train_time = time.perf_counter() - t0
         if world > 1:  # log the global epoch, not rank 0's share of it
@@ -317,10 +366,13 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True)
         record = dict(epoch=epoch, train_loss=loss_sum / max(seen, 1), train_acc=100 * correct / max(seen, 1),
                       val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
                       lr=optimizer.param_groups[0]["lr"], epoch_seconds=train_time,
-                      img_per_s=seen / max(train_time, 1e-9), steps=steps)
+                      img_per_s=seen / max(train_time, 1e-9), steps=steps, skipped_steps=skipped)
         if ema is not None:
             ema_val = evaluate(ema.module, val_loader, device, cfg.amp, num_classes)
             record.update(ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+        _check_finite_weights(_unwrap(model), "model", epoch)  # never save a NaN model
+        if ema is not None:
+            _check_finite_weights(ema.module, "EMA", epoch)
         history.append(record)
         if rank == 0:
             _write_csv(out / "metrics.csv", history)
