@@ -35,7 +35,8 @@ def merge_heads(x: Tensor, like_shape: Sequence[int]) -> Tensor:
     """Inverse of :func:`split_heads`: (B, M, N, d) back to the layout of ``like_shape``
     (a 4-D result has channels_last strides when ``x`` is contiguous)."""
     b, m, n, d = x.shape
-    tokens = x.transpose(1, 2).reshape(b, n, m * d)
+    tokens = x.transpose(1, 2).clone(memory_format=torch.contiguous_format).reshape(b, n, m * d)  # explicit copy:
+    # reshape would copy anyway, and under torch.export SDPA's decomposed strides differ from its meta strides
     if len(like_shape) == 4:
         return tokens.transpose(1, 2).reshape(b, m * d, like_shape[2], like_shape[3])
     return tokens

@@ -9,6 +9,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import Tensor, nn
 
+from ..checks import check_images
+
 __all__ = ["Stage", "StagedBackbone"]
 
 
@@ -39,6 +41,7 @@ class StagedBackbone(nn.Module):
 
     fixed_img_size: Optional[tuple[int, int]] = None
     model_name: str = "model"
+    check_finite: bool = False  # also refuse NaN/Inf inputs (reads the whole batch; off by default)
 
     def init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
         self.num_features = self.head_hidden_size = num_features
@@ -49,18 +52,11 @@ class StagedBackbone(nn.Module):
         self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def check_input(self, x: Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"{self.model_name} expects images shaped (B, C, H, W), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{self.model_name} expects a floating-point image tensor, got {x.dtype}")
+        """Refuse, naming what was expected: a non-4-D or non-float tensor, an empty batch, the wrong channel
+        count, another size than a fixed-size model was built for and, with ``check_finite`` (or inside
+        ``ctxagg.checks.enable_input_checks()``), NaN/Inf values."""
         in_chans = self.stem.proj.in_channels if hasattr(self.stem, "proj") else None
-        if in_chans is not None and x.shape[1] != in_chans:
-            raise ValueError(f"{self.model_name} was built for {in_chans} input channels, got {x.shape[1]} "
-                             f"(pass in_chans={x.shape[1]} to create_model)")
-        if self.fixed_img_size is not None and tuple(x.shape[-2:]) != self.fixed_img_size:
-            h, w = self.fixed_img_size
-            raise ValueError(f"{self.model_name} has fixed-size (token-MLP) affinities built for {h}×{w} input, "
-                             f"got {x.shape[-2]}×{x.shape[-1]}; build it with img_size={x.shape[-2]} instead")
+        check_images(x, self.model_name, in_chans, self.fixed_img_size, self.check_finite)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -2,48 +2,62 @@
 
 A training checkpoint is ONE safetensors file holding the model (``model.``), EMA (``ema.``), optimiser
 (``optim.``) and RNG (``rng.``) tensors, with the run's JSON state (config, epoch, optimiser param groups,
-metrics) in the file's metadata, so a crash can never leave the tensors and the state out of step.
+metrics) in the file's metadata, so a crash can never leave the tensors and the state out of step, and a
+SHA-256 of the tensors, so corrupt tensor bytes are refused. Weights are read from safetensors, or from
+``torch.load(weights_only=True)`` files; a pickle that would import anything else is refused unexecuted.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 __all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "load_model_weights", "CheckpointError",
-           "optimizer_state_to_flat", "optimizer_state_from_flat", "rng_state", "set_rng_state"]
+           "tensor_digest", "optimizer_state_to_flat", "optimizer_state_from_flat", "rng_state", "set_rng_state"]
 
 META_KEY = "ctxagg"
+DIGEST_KEY = "ctxagg.sha256"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, unsafe, or for another model."""
+    """A checkpoint that cannot be used: unreadable, corrupt, unsafe, or for another model."""
 
 
 def atomic_write(path: Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a torn one."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a torn one.
+
+    The bytes go to a temp file in the same folder, are fsynced, then renamed over ``path``. If anything fails
+    (a full disk, an interrupt) the temp file is removed, ``path`` is left as it was, and an ``OSError`` naming
+    ``path`` is raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+            raise OSError(exc.errno, f"could not write {path} ({exc.strerror or exc}); {kept}") from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -52,42 +66,103 @@ def atomic_write(path: Union[str, Path], data: bytes) -> None:
         os.close(dir_fd)
 
 
+def tensor_digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (in name order): detects corrupt tensor data,
+    which safetensors' own header checks cannot see."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def save_checkpoint(path: Union[str, Path], tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """One safetensors file with ``meta`` as JSON and a SHA-256 of the tensors in its metadata, written atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, save_safetensors_bytes(tensors, metadata={META_KEY: json.dumps(meta)}))
+    metadata = {META_KEY: json.dumps(meta), DIGEST_KEY: tensor_digest(tensors)}
+    atomic_write(path, save_safetensors_bytes(tensors, metadata=metadata))
+
+
+def _header_metadata(data: bytes, path: Path) -> dict[str, str]:
+    if len(data) < 8:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: it is {len(data)} bytes long "
+                              "(truncated or empty)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: its header claims {n} bytes but the "
+                              f"file has {len(data) - 8} after the length field (truncated, or not safetensors)")
+    try:
+        header = json.loads(data[8: 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: its header is not JSON ({exc})") \
+            from exc
+    return header.get("__metadata__") or {} if isinstance(header, dict) else {}
 
 
 def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors and JSON state of a ctxagg safetensors checkpoint."""
+    """Tensors and JSON state of a ctxagg safetensors checkpoint; a truncated or corrupt file (including tensor
+    bytes that do not match the stored SHA-256) raises :class:`CheckpointError` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
+    metadata = _header_metadata(data, path)
+    try:
         tensors = load_safetensors_bytes(data)
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-    except (SafetensorError, json.JSONDecodeError, OSError) as exc:
+        meta = json.loads(metadata.get(META_KEY, "{}"))
+    except (SafetensorError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {exc}") from exc
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None and tensor_digest(tensors) != expected:
+        raise CheckpointError(f"{path} is corrupt: its tensor data does not match the SHA-256 stored when it was "
+                              "written")
     return tensors, meta
 
 
+def _file_kind(path: Path) -> str:
+    """'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save / raw pickle) or 'unknown', by content."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
 def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    if path.suffix == ".safetensors":
+    kind = _file_kind(path)
+    if path.suffix == ".safetensors" or kind == "safetensors":
         tensors, meta = load_checkpoint(path)
         if any(k.startswith("model.") for k in tensors):
             tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         return tensors, meta
     try:  # torch files: never unpickle arbitrary objects
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # what weights_only raises for any global it does not allow
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first
+                      else type(exc).__name__)
+        raise CheckpointError(f"refusing to load {path}: it holds pickled Python objects that could run code when "
+                              f"loaded ({detail}). Only safetensors files and plain tensor state dicts "
+                              "(torch.load(weights_only=True)) are loaded; if you trust the file, convert it to "
+                              "safetensors yourself") from exc
     except Exception as exc:
-        raise CheckpointError(f"refusing to load {path}: it is not a plain tensor checkpoint loadable with "
-                              f"torch.load(weights_only=True) ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        raise CheckpointError(f"{path} is not a readable checkpoint (expected safetensors, or a torch.save state dict"
+                              f"; {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+                              ) from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        raise CheckpointError(f"{path} does not hold a state dict of tensors (found {type(obj).__name__})")
     return obj, {}
 
 

@@ -1,0 +1,51 @@
+"""Exact algebraic folds used to re-parameterise trained models for deployment (eval-mode statistics)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["bn_scale_shift", "fold_bn_into_next_conv", "fold_bn_into_prev_conv", "add_identity_to_depthwise"]
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(a, b) with ``bn(x) == a·x + b`` per channel in eval mode."""
+    scale = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
+    a = scale / torch.sqrt(bn.running_var + bn.eps)
+    return a, shift - bn.running_mean * a
+
+
+@torch.no_grad()
+def fold_bn_into_next_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
+    """``conv(bn(x))`` -> ``conv'(x)``; exact for 1×1, stride-free-padding convs (a k×k conv's zero padding
+    would see the BN shift at the border, so only 1×1 convs are accepted)."""
+    if conv.kernel_size != (1, 1) or conv.groups != 1:
+        raise ValueError("only a dense 1×1 conv can absorb a preceding BatchNorm exactly")
+    a, b = bn_scale_shift(bn)
+    w = conv.weight
+    extra = w[:, :, 0, 0] @ b
+    conv.weight.copy_(w * a.view(1, -1, 1, 1))
+    if conv.bias is None:
+        conv.bias = nn.Parameter(extra)
+    else:
+        conv.bias.add_(extra)
+
+
+@torch.no_grad()
+def fold_bn_into_prev_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """``bn(conv(x))`` -> ``conv'(x)``; always exact."""
+    a, b = bn_scale_shift(bn)
+    conv.weight.mul_(a.view(-1, 1, 1, 1))
+    if conv.bias is None:
+        conv.bias = nn.Parameter(b.clone())
+    else:
+        conv.bias.mul_(a).add_(b)
+
+
+@torch.no_grad()
+def add_identity_to_depthwise(conv: nn.Conv2d) -> None:
+    """``x + dw(x)`` -> ``dw'(x)``: add 1 to the centre tap of an odd, same-padded depthwise kernel."""
+    k = conv.kernel_size
+    if conv.groups != conv.in_channels or conv.in_channels != conv.out_channels or k[0] % 2 == 0 or k[1] % 2 == 0:
+        raise ValueError("only an odd, same-size depthwise conv can absorb its residual")
+    conv.weight[:, 0, k[0] // 2, k[1] // 2] += 1
