@@ -29,10 +29,12 @@ def resolve_model_name(name: str) -> str:
 def _cmd_models(args: argparse.Namespace) -> int:
     from ctxagg.bench.zoo import format_table, model_rows
 
-    rows = model_rows(args.filter or ["*"], flops=not args.no_flops, img_size=args.img_size)
+    rows = model_rows(args.filter or ["*"], flops=not args.no_flops, img_size=args.img_size,
+                      activations=not args.no_activations, throughput=args.throughput,
+                      throughput_batch=args.throughput_batch)
     if not rows:
         raise SystemExit(f"error: no registered model matches {args.filter}")
-    print(format_table(rows))
+    print(format_table(rows, args.img_size))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -47,8 +49,138 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("filter", nargs="*", help="glob patterns of model names (default: all)")
     p.add_argument("--no-flops", action="store_true", help="skip the forward pass that measures GMACs")
     p.add_argument("--img-size", type=int, default=224, help="input size for the MACs measurement")
+    p.add_argument("--no-activations", action="store_true",
+                   help="skip the activation count (a column only when ctxagg.bench.activations exists)")
+    p.add_argument("--throughput", action="store_true",
+                   help="also measure fp32 images/s on this machine (slow: a few forward passes per model)")
+    p.add_argument("--throughput-batch", type=int, default=1, help="batch size of the throughput measurement")
     p.add_argument("--json", help="also write the rows as JSON to this path")
     p.set_defaults(func=_cmd_models)
+
+
+def _csv(text: str, kind: Callable = str) -> list:
+    return [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.sweep == "resolution":
+        return _bench_sweep(args)
+    from ctxagg.bench.throughput import benchmark_grid, format_results, write_results
+
+    models = [resolve_model_name(m) for m in _csv(args.models or "container_light")]
+    rows = benchmark_grid(
+        models, _csv(args.batch_sizes or "1", int), _csv(args.img_sizes or "224", int), _csv(args.dtypes),
+        _csv(args.memory_formats), 2 if args.warmup is None else args.warmup,
+        5 if args.repeats is None else args.repeats, args.device, not args.no_memory, args.model_kwargs,
+        progress=lambda r: print(f"  {r['model']} b{r['batch_size']} {r['img_size']}px {r['dtype']} "
+                                 f"{r['memory_format']}: " + (f"error {r['error']}" if r.get("error") else
+                                 f"{r['latency_ms']:.2f} ms, {r['throughput']:.1f} img/s"), flush=True))
+    print(format_results(rows))
+    paths = write_results(rows, args.out, meta=dict(model_kwargs=args.model_kwargs))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 1 if all(r.get("error") for r in rows) else 0
+
+
+def _bench_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ctxagg.bench.sweep import format_sweep, plot_sweep, resolution_sweep
+
+    sizes = _csv(args.img_sizes or "224,320,448,640,800", int)
+    batch = _csv(args.batch_sizes or "16", int)[0]
+    families = _csv(args.families)
+    print(f"resolution sweep {families}, batch {batch}, sizes {sizes}, {args.device}, "
+          f"{torch.get_num_threads()} threads, {args.max_seconds:g} s budget a pass", flush=True)
+    rows = resolution_sweep(sizes, batch, families, 1 if args.warmup is None else args.warmup,
+                            3 if args.repeats is None else args.repeats, args.max_seconds, args.device,
+                            progress=lambda r: print(f"  {r['model']} {r['size']}px: {r['status']}", flush=True))
+    print(format_sweep(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(batch=batch, sizes=sizes, device=args.device, threads=torch.get_num_threads(),
+                torch=torch.__version__, max_seconds=args.max_seconds,
+                memory=("measured: torch.cuda.max_memory_allocated delta" if args.device.startswith("cuda") else
+                        "measured: peak live tensor bytes per ATen op (PeakTensorBytes)")
+                + "; materialised: the same counter on the meta device (SDPA math path)")
+    (out / "sweep_resolution.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    plot_sweep(rows, out / "sweep_resolution.png",
+               title=f"memory and latency vs input size, batch {batch}, {args.device} ({torch.get_num_threads()} threads)")
+    print(f"wrote {out / 'sweep_resolution.json'}, {out / 'sweep_resolution.png'}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="throughput, latency and peak memory; --sweep resolution for LinGlos Fig. 4",
+                       description="Measure inference throughput (img/s), latency (median and IQR over --repeats "
+                                   "passes after --warmup) and peak memory of models over batch sizes, resolutions, "
+                                   "dtypes and memory formats. CPU memory is the peak of live tensor bytes counted "
+                                   "per ATen op; CUDA memory is torch.cuda.max_memory_allocated. Writes bench.json, "
+                                   "bench.csv and bench.png.")
+    p.add_argument("--models", help="comma-separated model names (default: container_light)")
+    p.add_argument("--batch-sizes", help="comma-separated (default: 1; sweep: 16)")
+    p.add_argument("--img-sizes", help="comma-separated square sizes (default: 224; sweep: 224,320,448,640,800)")
+    p.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16 (autocast), fp16 (autocast)")
+    p.add_argument("--memory-formats", default="contiguous", help="comma-separated: contiguous, channels_last")
+    p.add_argument("--warmup", type=int, help="untimed passes (default: 2; sweep: 1)")
+    p.add_argument("--repeats", type=int, help="timed passes (default: 5; sweep: up to 3, as many as fit the budget)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="extra model arguments as JSON")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--sweep", choices=("resolution",),
+                   help="resolution: memory and latency vs input size (LinGlos Fig. 4; Container vs Light)")
+    p.add_argument("--families", default="linglos,container", help="sweep: which comparisons (linglos, container)")
+    p.add_argument("--max-seconds", type=float, default=15.0,
+                   help="sweep: run a size only if its predicted time a pass fits (else predictions only)")
+    p.add_argument("--out", default="runs/bench", help="output folder")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _parse_query(text: str) -> tuple[int, int]:
+    try:
+        y, x = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a query is 'y,x' in input-image pixels, got {text!r}") from None
+    return y, x
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ctxagg.analysis.inspect import run_inspect
+
+    if args.model:
+        resolve_model_name(args.model)
+    if not args.model and not args.checkpoint:
+        raise SystemExit("error: give --model or --checkpoint")
+    report = run_inspect(args.model, args.image, args.out, args.checkpoint, args.query or None, args.radius,
+                         args.img_size, args.model_kwargs, args.max_heads)
+    print(report["summary"])
+    print("wrote " + ", ".join(report["files"]))
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="affinity maps, mixture weights, locality and LESA shares of a model",
+                       description="Capture every block's affinity for one image and render: static affinity of "
+                                   "query positions per layer (Container Fig. 1 right), attention maps per head, "
+                                   "mixture weights α/β, a locality score per layer, and LESA's unary/binary "
+                                   "shares (LESA Tables 1-2). PNGs plus inspect.json.")
+    p.add_argument("--model", help="model name (default: the checkpoint's)")
+    p.add_argument("--checkpoint", help="model_best.safetensors from `ctxagg train` (or its run folder)")
+    p.add_argument("--image", required=True, help="any PNG/JPEG; resized to the model's input size")
+    p.add_argument("--out", default="runs/inspect", help="output folder")
+    p.add_argument("--query", type=_parse_query, nargs="*", help="query positions 'y,x' in input pixels "
+                                                                 "(default: centre and two quarter points)")
+    p.add_argument("--radius", type=int, default=1, help="locality radius r in tokens (Chebyshev)")
+    p.add_argument("--img-size", type=int, help="input size (default: checkpoint's, else the model's)")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="extra model arguments as JSON")
+    p.add_argument("--max-heads", type=int, default=8, help="heads shown per layer in the attention maps")
+    p.set_defaults(func=_cmd_inspect)
 
 
 def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -161,7 +293,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare, output="runs/compare")
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_train, _add_eval, _add_compare]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_train, _add_eval, _add_compare,
+                                                                   _add_bench, _add_inspect]
 
 
 def build_parser() -> argparse.ArgumentParser:

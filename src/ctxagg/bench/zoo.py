@@ -1,8 +1,10 @@
-"""The model table: measured parameters and GMACs next to the papers' numbers (`ctxagg models`)."""
+"""The model table: measured parameters, GMACs, activations and (optionally) throughput next to the papers'
+numbers (`ctxagg models`)."""
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Iterable, Optional
+import importlib
+from typing import Any, Callable, Iterable, Optional
 
 import timm
 from timm.models._registry import model_entrypoint
@@ -12,7 +14,15 @@ import torch
 from ..models import model_names, paper_numbers
 from .complexity import count_gmacs, count_params
 
-__all__ = ["model_rows", "format_table"]
+__all__ = ["model_rows", "format_table", "activation_counter"]
+
+
+def activation_counter() -> Optional[Callable[..., float]]:
+    """``ctxagg.bench.activations.count_activations`` if that module is installed, else None."""
+    try:
+        return importlib.import_module("ctxagg.bench.activations").count_activations
+    except (ImportError, AttributeError):
+        return None
 
 
 def _gap(measured: Optional[float], paper: Optional[float]) -> Optional[float]:
@@ -21,10 +31,17 @@ def _gap(measured: Optional[float], paper: Optional[float]) -> Optional[float]:
     return (measured - paper) / paper
 
 
-def model_rows(patterns: Iterable[str] = ("*",), flops: bool = True, img_size: int = 224) -> list[dict[str, Any]]:
+def model_rows(patterns: Iterable[str] = ("*",), flops: bool = True, img_size: int = 224,
+               activations: bool = True, throughput: bool = False, throughput_batch: int = 1,
+               repeats: int = 3) -> list[dict[str, Any]]:
     """One row per registered model matching any glob in ``patterns``. With ``flops`` each model runs one
-    forward pass at ``img_size`` (that is how its MACs are measured)."""
+    forward pass at ``img_size`` (that is how its MACs are measured) and, with ``activations`` and when
+    :mod:`ctxagg.bench.activations` exists, one more to count activations. ``throughput`` measures fp32
+    images/s at ``throughput_batch`` on this machine (median of ``repeats`` passes after one warm-up; slow)."""
+    from .throughput import benchmark
+
     papers = paper_numbers()
+    count_acts = activation_counter() if (flops and activations) else None
     rows = []
     for name in model_names():
         if not any(fnmatch.fnmatch(name, p) for p in patterns):
@@ -36,10 +53,16 @@ def model_rows(patterns: Iterable[str] = ("*",), flops: bool = True, img_size: i
         if paper.get("params_deployed"):  # the paper counts the re-parameterised (deploy-time) model
             params = count_params(reparameterize_model(model, inplace=False)) / 1e6
         gmacs = count_gmacs(model, (3, img_size, img_size)) if flops else None
+        acts = count_acts(model, (3, img_size, img_size)) if count_acts else None
+        speed = None
+        if throughput:
+            speed = benchmark(model, throughput_batch, img_size, warmup=1, repeats=repeats, memory=False)["throughput"]
         rows.append(dict(
             name=name, family=_family(name),
             params_m=params, paper_params_m=paper.get("params"), params_gap=_gap(params, paper.get("params")),
             gmacs=gmacs, paper_gflops=paper.get("gflops"), gflops_gap=_gap(gmacs, paper.get("gflops")),
+            activations_m=acts, paper_activations_m=paper.get("activations"),
+            throughput=speed, throughput_batch=throughput_batch if throughput else None,
             source=paper.get("source", "") + (" (deployed count)" if paper.get("params_deployed") else ""),
         ))
         del model
@@ -54,14 +77,25 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table (also readable in a terminal)."""
-    header = ("| model | family | params (M) | paper (M) | gap | GMACs @224 | paper GFLOPs | gap | source |\n"
-              "|---|---|---:|---:|---:|---:|---:|---:|---|")
-    lines = [header]
+def format_table(rows: list[dict[str, Any]], img_size: int = 224) -> str:
+    """A Markdown table (also readable in a terminal); the activation and throughput columns appear only
+    when some row has them."""
+    acts = any(r.get("activations_m") is not None for r in rows)
+    speed = next((r["throughput_batch"] for r in rows if r.get("throughput") is not None), None)
+    head = f"| model | family | params (M) | paper (M) | gap | GMACs @{img_size} | paper GFLOPs | gap |"
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|"
+    if acts:
+        head, rule = head + " acts (M) | paper acts (M) |", rule + "---:|---:|"
+    if speed is not None:
+        head, rule = head + f" img/s (fp32, batch {speed}) |", rule + "---:|"
+    lines = [head + " source |", rule + "---|"]
     for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['family']} | {r['params_m']:.3f} | {_fmt(r['paper_params_m'], '.3f')} | "
-            f"{_fmt(r['params_gap'], '+.1%')} | {_fmt(r['gmacs'], '.3f')} | {_fmt(r['paper_gflops'], '.3f')} | "
-            f"{_fmt(r['gflops_gap'], '+.1%')} | {r['source']} |")
+        line = (f"| {r['name']} | {r['family']} | {r['params_m']:.3f} | {_fmt(r['paper_params_m'], '.3f')} | "
+                f"{_fmt(r['params_gap'], '+.1%')} | {_fmt(r['gmacs'], '.3f')} | {_fmt(r['paper_gflops'], '.3f')} | "
+                f"{_fmt(r['gflops_gap'], '+.1%')} |")
+        if acts:
+            line += f" {_fmt(r.get('activations_m'), '.3f')} | {_fmt(r.get('paper_activations_m'), '.3f')} |"
+        if speed is not None:
+            line += f" {_fmt(r.get('throughput'), '.1f')} |"
+        lines.append(line + f" {r['source']} |")
     return "\n".join(lines)
