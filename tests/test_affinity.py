@@ -92,6 +92,13 @@ def test_toeplitz_known_answers():
     torch.testing.assert_close(a, expected)
 
 
+@pytest.mark.parametrize("grid", [(1, 1), (1, 3), (2, 2)])
+def test_depthwise_matrix_on_grids_smaller_than_the_kernel(grid):
+    aff = DepthwiseConvAffinity(DIM, 5).double()
+    v = torch.randn(1, DIM, *grid, dtype=torch.float64)
+    torch.testing.assert_close(aff(v), aff.reference(v))
+
+
 def test_multi_head_depthwise_shares_kernels_inside_a_head():
     aff = DepthwiseConvAffinity(DIM, 3, heads=HEADS)
     assert aff.weight.shape == (HEADS, 1, 3, 3)

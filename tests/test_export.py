@@ -94,3 +94,28 @@ def test_export_refuses_bad_requests(tmp_path):
         export_model(model, str(tmp_path / "m.tflite"), "tflite")
     with pytest.raises(ValueError, match=r"saved as \.pt2 archives"):
         export_model(model, str(tmp_path / "m.ep"), "exported-program")
+
+
+def test_cli_export_writes_a_verified_onnx(tmp_path, capsys):
+    from ctxagg.cli import main
+
+    out = tmp_path / "cl.onnx"
+    assert main(["export", "--model", "container_light", "--output", str(out), "--img-size", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "dynamic H, W: True" in printed
+    deployed = reparameterize(timm.create_model("container_light"))
+    weights = (tmp_path / "cl.onnx.data").stat().st_size  # the exporter keeps large weights beside the graph
+    assert weights == pytest.approx(4 * count_params(deployed), rel=0.01)
+    with pytest.raises(SystemExit, match="Did you mean: container_light"):
+        main(["export", "--model", "container_lite", "--output", str(out)])
+
+
+def test_compare_eager_reports_ratios_and_peak_fractions():
+    from ctxagg.bench.deploy_compare import compare_eager
+
+    result = compare_eager(["dw3"], batch_size=2, img_size=64, warmup=0, repeats=1, compile=False)
+    row = result["rows"][0]
+    assert result["peak_gmacs"]["fp32"] > 0 and result["peak_gmacs"]["bf16"] > 0
+    for key in ("eager_fp32", "opt_fp32", "opt_bf16"):
+        assert row[f"{key}_img_s"] > 0 and 0 < row[f"{key}_peak_frac"]
+    assert row["opt_fp32_speedup"] == pytest.approx(row["opt_fp32_img_s"] / row["eager_fp32_img_s"])

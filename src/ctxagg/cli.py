@@ -67,6 +67,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_eager:
+        return _cmd_compare_eager(args)
     if args.sweep == "resolution":
         return _bench_sweep(args)
     from ctxagg.bench.throughput import benchmark_grid, format_results, write_results
@@ -138,8 +140,29 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--families", default="linglos,container", help="sweep: which comparisons (linglos, container)")
     p.add_argument("--max-seconds", type=float, default=15.0,
                    help="sweep: run a size only if its predicted time a pass fits (else predictions only)")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="eager fp32 vs optimised fp32 vs optimised bf16 (default models: container_light, container, "
+                        "linglo_b1, resnet50_lesa, deit_s; batch 32, 224²), with the measured matmul peak")
+    p.add_argument("--no-compile", action="store_true", help="--compare-eager without torch.compile")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_compare_eager(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ctxagg.bench.deploy_compare import DEFAULT_MODELS, compare_eager
+
+    models = [resolve_model_name(m.strip()) for m in args.models.split(",")] if args.models else list(DEFAULT_MODELS)
+    batch = int(args.batch_sizes.split(",")[0]) if args.batch_sizes else 32
+    size = int(args.img_sizes.split(",")[0]) if args.img_sizes else 224
+    result = compare_eager(models, batch, size, warmup=args.warmup or 1, repeats=args.repeats or 3,
+                           compile=not args.no_compile)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare_eager.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'compare_eager.json'}")
+    return 0
 
 
 def _parse_query(text: str) -> tuple[int, int]:
@@ -293,8 +316,68 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare, output="runs/compare")
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import timm
+
+    from ctxagg.export import export_model, reparameterize
+    from ctxagg.train.checkpoint import load_model_weights
+
+    if args.checkpoint:
+        from ctxagg.train.checkpoint import load_checkpoint
+        from ctxagg.train.config import TrainConfig
+        from ctxagg.train.engine import build_model
+
+        meta = load_checkpoint(args.checkpoint)[1]
+        if "config" not in meta:
+            raise ValueError(f"{args.checkpoint} has no ctxagg run configuration; export checkpoints written by "
+                             "`ctxagg train`, or pass --model alone for an untrained model")
+        cfg = TrainConfig.from_json(meta["config"])
+        if args.model and args.model != cfg.model:
+            raise ValueError(f"{args.checkpoint} was trained as {cfg.model!r}, not {args.model!r}")
+        model = build_model(cfg, meta["num_classes"])
+        load_model_weights(model, args.checkpoint)
+        size = args.img_size or cfg.img_size
+    else:
+        if not args.model:
+            raise ValueError("pass --model NAME (and optionally --checkpoint from `ctxagg train`)")
+        model = timm.create_model(resolve_model_name(args.model), **args.model_kwargs)
+        size = args.img_size or model.pretrained_cfg["input_size"][-1]
+    model = reparameterize(model) if not args.no_reparameterize else model.eval()
+    report = export_model(model, args.output, args.format, img_size=(size, size),
+                          dynamic_spatial=False if args.static_spatial else None)
+    errors = ", ".join(f"{e:.1e}" for e in report["max_abs_error"])
+    print(f"exported {args.format} to {report['path']} (dynamic batch; dynamic H, W: {report['dynamic_spatial']}); "
+          f"max |export − PyTorch| over the check inputs: {errors}")
+    if report.get("note"):
+        print(f"note: {report['note']}")
+    from pathlib import Path
+
+    data = Path(report["path"] + ".data")
+    if data.exists():
+        print(f"the weights are in {data} (ONNX external data): keep it next to {Path(report['path']).name}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from ctxagg.export import FORMATS
+
+    p = sub.add_parser("export", help="re-parameterise and export to ONNX / TorchScript / torch.export, verified",
+                       description="Re-parameterise (exact folds), export with a dynamic batch axis (and dynamic "
+                                   "H, W in multiples of 32 where the model allows), then check the export against "
+                                   "PyTorch (ONNX: in onnxruntime) on other batch sizes and image sizes.")
+    p.add_argument("--model", help="registered model name")
+    p.add_argument("--checkpoint", help="a model_best.safetensors from `ctxagg train` (model rebuilt from it)")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--output", required=True, help="file to write (.onnx, .pt, or .pt2 for exported-program)")
+    p.add_argument("--img-size", type=int, help="export size (default: the model's / run's)")
+    p.add_argument("--static-spatial", action="store_true", help="fix H, W (the batch axis stays dynamic)")
+    p.add_argument("--no-reparameterize", action="store_true", help="export the training-form model")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="extra model arguments as JSON")
+    p.set_defaults(func=_cmd_export)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_train, _add_eval, _add_compare,
-                                                                   _add_bench, _add_inspect]
+                                                                   _add_bench, _add_inspect, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,10 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ctxagg.train.engine import NonFiniteLossError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: say what and stop, no traceback
+    except (ValueError, OSError, NonFiniteLossError) as exc:  # bad input or a run fault (non-finite loss, disk
+        # full): the message says what and where; no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

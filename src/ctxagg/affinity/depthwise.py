@@ -24,9 +24,13 @@ def conv_toeplitz(kernel: Tensor, height: int, width: int) -> Tensor:
     index = torch.arange(n, device=kernel.device).view(height, width)
     for ky in range(ky_size):
         dy = ky - ky_size // 2
+        if abs(dy) >= height:  # the tap never lands inside a grid this small
+            continue
         ys = torch.arange(max(0, -dy), min(height, height - dy), device=kernel.device)
         for kx in range(kx_size):
             dx = kx - kx_size // 2
+            if abs(dx) >= width:
+                continue
             xs = torch.arange(max(0, -dx), min(width, width - dx), device=kernel.device)
             rows = index[ys][:, xs].flatten()
             cols = index[ys + dy][:, xs + dx].flatten()

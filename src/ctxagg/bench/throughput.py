@@ -167,7 +167,7 @@ def benchmark(model: Union[str, nn.Module], batch_size: int = 1, img_size: int =
     x = torch.randn(batch_size, in_chans, img_size, img_size, device=dev).contiguous(memory_format=fmt)
 
     def forward() -> None:
-        with _autocast(dev, dtype):
+        with torch.no_grad(), _autocast(dev, dtype):  # inference: no autograd graph, no saved activations
             net(x)
 
     peak = None

@@ -54,16 +54,27 @@ def verify_onnx(path: Path, model: nn.Module, inputs: Sequence[torch.Tensor], at
     return errors
 
 
+def total_stride(model: nn.Module, default: int = 32) -> int:
+    """The model's output stride, from its timm ``feature_info`` (16 for the small-input presets)."""
+    info = getattr(model, "feature_info", None)
+    try:
+        return int(info[-1]["reduction"]) if info else default
+    except (TypeError, KeyError, IndexError):
+        return default
+
+
 def export_model(model: nn.Module, path: str, fmt: str = "onnx", img_size: Sequence[int] = (224, 224),
-                 in_chans: int = 3, dynamic_spatial: Optional[bool] = None, stride: int = 32,
+                 in_chans: int = 3, dynamic_spatial: Optional[bool] = None, stride: Optional[int] = None,
                  opset: int = 18) -> dict[str, Any]:
-    """Export an eval-mode ``model`` with a dynamic batch axis (and dynamic H, W in multiples of ``stride``
-    when ``dynamic_spatial``; default: on unless the model has a fixed input size) and check the result."""
+    """Export an eval-mode ``model`` with a dynamic batch axis (and dynamic H, W in multiples of the model's
+    stride when ``dynamic_spatial``; default: on unless the model has a fixed input size or the export size is
+    under two strides) and check the result."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
     model = model.eval()
+    stride = stride or total_stride(model)
     if dynamic_spatial is None:
-        dynamic_spatial = supports_dynamic_spatial(model)
+        dynamic_spatial = supports_dynamic_spatial(model) and min(img_size) >= 2 * stride
     out = Path(path)
     if fmt == "exported-program" and out.suffix != ".pt2":
         raise ValueError(f"torch.export programs are saved as .pt2 archives, got {out.name!r}")

@@ -67,7 +67,7 @@ class DeployedModel(nn.Module):
 
 
 def optimize(model: nn.Module, channels_last: bool = True, bf16: bool = False, compile: bool = False,
-             compile_mode: str = "max-autotune-no-cudagraphs") -> nn.Module:
+             compile_mode: str = "default") -> nn.Module:
     """Re-parameterise (a copy of) ``model`` for inference, convert it to channels_last, and optionally
     run it under bf16 autocast and ``torch.compile`` it. The result is in eval mode and must not be trained."""
     deployed = reparameterize(model)
@@ -75,5 +75,9 @@ def optimize(model: nn.Module, channels_last: bool = True, bf16: bool = False, c
         deployed = deployed.to(memory_format=torch.channels_last)
     wrapped: nn.Module = DeployedModel(deployed, channels_last=channels_last, bf16=bf16).eval()
     if compile:
+        # inference-only graphs: freezing lets inductor constant-fold weights and fuse oneDNN convs with their
+        # element-wise neighbours (GELU, residual adds); it is process-wide, and only applies under no_grad
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True
         wrapped = torch.compile(wrapped, mode=compile_mode, dynamic=False)
     return wrapped

@@ -41,6 +41,7 @@ class TrainConfig:
     sync_bn: bool = False
     fraction: float = 1.0                # fixed-seed stratified subset of the training set
     val_fraction: float = 0.2            # held out when the data has no validation split
+    val_limit: int = 0                   # >0: evaluate on a fixed-seed stratified subset of this many images
     workers: int = 0
     seed: int = 0
     skip_nonfinite: bool = False
@@ -78,6 +79,8 @@ class TrainConfig:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.img_size < 8:
             problems.append(f"--img-size must be at least 8, got {self.img_size}")
+        if self.val_limit < 0:
+            problems.append(f"--val-limit must be 0 (all) or a number of images, got {self.val_limit}")
         if not 0 < self.fraction <= 1:
             problems.append(f"--fraction must be in (0, 1], got {self.fraction}")
         if not 0 < self.val_fraction < 1:

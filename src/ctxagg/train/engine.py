@@ -258,6 +258,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True)
     train_arrays, val_arrays = load_dataset(cfg.data, cfg.val_fraction, cfg.seed, decode_size=None,
                                             skip_bad=cfg.skip_bad_images)
     train_arrays = subset_fraction(train_arrays, cfg.fraction, cfg.seed)
+    if 0 < cfg.val_limit < len(val_arrays.labels):
+        val_arrays = subset_fraction(val_arrays, cfg.val_limit / len(val_arrays.labels), cfg.seed)
     mean, std = train_arrays.channel_stats()
     num_classes = len(train_arrays.classes)
     model = build_model(cfg, num_classes).to(device)
