@@ -320,22 +320,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import timm
 
     from ctxagg.export import export_model, reparameterize
-    from ctxagg.train.checkpoint import load_model_weights
 
     if args.checkpoint:
-        from ctxagg.train.checkpoint import load_checkpoint
-        from ctxagg.train.config import TrainConfig
-        from ctxagg.train.engine import build_model
+        from ctxagg.train.engine import load_trained_model
 
-        meta = load_checkpoint(args.checkpoint)[1]
-        if "config" not in meta:
-            raise ValueError(f"{args.checkpoint} has no ctxagg run configuration; export checkpoints written by "
-                             "`ctxagg train`, or pass --model alone for an untrained model")
-        cfg = TrainConfig.from_json(meta["config"])
-        if args.model and args.model != cfg.model:
-            raise ValueError(f"{args.checkpoint} was trained as {cfg.model!r}, not {args.model!r}")
-        model = build_model(cfg, meta["num_classes"])
-        load_model_weights(model, args.checkpoint)
+        model, cfg, _, _ = load_trained_model(args.checkpoint, args.model, purpose="export")
         size = args.img_size or cfg.img_size
     else:
         if not args.model:

@@ -42,20 +42,9 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[str] = None, img
     import ctxagg  # noqa: F401  (registers the models)
 
     if checkpoint:
-        from ..train.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-        from ..train.config import TrainConfig
-        from ..train.engine import build_model
+        from ..train.engine import load_trained_model
 
-        path = Path(checkpoint)
-        path = path / "model_best.safetensors" if path.is_dir() else path
-        _, meta = load_checkpoint(path)
-        if "config" not in meta:
-            raise CheckpointError(f"{path} has no ctxagg run configuration; inspect checkpoints written by `ctxagg train`")
-        cfg = TrainConfig.from_json(meta["config"])
-        if name and name != cfg.model:
-            raise CheckpointError(f"{path} was trained as {cfg.model!r}, not {name!r}")
-        model = build_model(cfg, meta["num_classes"])
-        load_model_weights(model, path)
+        model, cfg, meta, path = load_trained_model(checkpoint, name or None, purpose="inspect")
         info = dict(name=cfg.model, checkpoint=str(path), img_size=cfg.img_size, mean=meta["mean"], std=meta["std"],
                     classes=meta.get("classes"))
     else:

@@ -35,7 +35,7 @@ from .checkpoint import (load_checkpoint, optimizer_state_from_flat, optimizer_s
 from .config import TrainConfig, input_size_overrides
 from .data import ArrayDataset, ImageArrays, load_dataset
 
-__all__ = ["train", "build_model", "build_eval_transform", "TrainResult", "NonFiniteLossError"]
+__all__ = ["train", "build_model", "load_trained_model", "build_eval_transform", "TrainResult", "NonFiniteLossError"]
 
 log = logging.getLogger("ctxagg.train")
 
@@ -132,6 +132,27 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     model = timm.create_model(cfg.model, **kwargs)
     add_input_checks(model)  # every family refuses wrong channels/dtype/size and empty batches by name
     return model
+
+
+def load_trained_model(checkpoint: str, model_name: Optional[str] = None, purpose: str = "use"
+                       ) -> tuple[nn.Module, TrainConfig, dict[str, Any], Path]:
+    """Rebuild the model a `ctxagg train` checkpoint (file or run folder) holds, with its weights loaded.
+
+    Returns (model, run config, checkpoint metadata, checkpoint path); ``model_name``, if given, must match
+    the run's model. ``purpose`` words the error for checkpoints that hold no run configuration."""
+    from .checkpoint import CheckpointError, load_model_weights
+
+    path = Path(checkpoint)
+    path = path / "model_best.safetensors" if path.is_dir() else path
+    _, meta = load_checkpoint(path)
+    if "config" not in meta:
+        raise CheckpointError(f"{path} has no ctxagg run configuration; {purpose} checkpoints written by `ctxagg train`")
+    cfg = TrainConfig.from_json(meta["config"])
+    if model_name is not None and model_name != cfg.model:
+        raise CheckpointError(f"{path} was trained as {cfg.model!r}, not {model_name!r}")
+    model = build_model(cfg, meta["num_classes"])
+    load_model_weights(model, path)
+    return model, cfg, meta, path
 
 
 def build_eval_transform(img_size: int, mean, std) -> Callable:

@@ -8,10 +8,9 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model_weights
-from .config import TrainConfig
+from .checkpoint import atomic_write
 from .data import ArrayDataset, load_dataset
-from .engine import _device, build_eval_transform, build_model, evaluate
+from .engine import _device, build_eval_transform, evaluate, load_trained_model
 from .plots import plot_confusion
 
 __all__ = ["evaluate_checkpoint"]
@@ -23,22 +22,13 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, model: Opti
     """Evaluate a checkpoint written by `ctxagg train` (the model is rebuilt from the config stored in it).
 
     ``data`` defaults to the data the run trained on; ``split`` picks its ``val`` or ``train`` part."""
-    path = Path(checkpoint)
-    path = path / "model_best.safetensors" if path.is_dir() else path
-    _, meta = load_checkpoint(path)
-    if "config" not in meta:
-        raise CheckpointError(f"{path} has no ctxagg run configuration; evaluate checkpoints written by `ctxagg train`")
-    cfg = TrainConfig.from_json(meta["config"])
-    if model is not None and model != cfg.model:
-        raise CheckpointError(f"{path} was trained as {cfg.model!r}, not {model!r}")
+    net, cfg, meta, path = load_trained_model(checkpoint, model, purpose="evaluate")
     spec = data or cfg.data
     train_arrays, val_arrays = load_dataset(spec, cfg.val_fraction, cfg.seed)
     arrays = val_arrays if split == "val" else train_arrays
     classes = meta.get("classes", arrays.classes)
     if len(arrays.classes) != meta["num_classes"]:
         raise ValueError(f"{spec} has {len(arrays.classes)} classes but the checkpoint predicts {meta['num_classes']}")
-    net = build_model(cfg, meta["num_classes"])
-    load_model_weights(net, path)
     dev = _device(device)
     net.to(dev)
     loader = DataLoader(ArrayDataset(arrays, build_eval_transform(cfg.img_size, meta["mean"], meta["std"])),
