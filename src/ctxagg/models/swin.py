@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..affinity.attention import ATTENTION_NORMS, SelfAttentionAffinity
 from ..affinity.base import apply_matrix
 from ..affinity.dw_attention import DepthwiseSelfAttention
-from .vit import PAPER_NUMBERS, POSITIONS, RelativePositionBias
+from .vit import PAPER_NUMBERS, POSITIONS, RelativePositionBias, register_variants
 
 __all__ = ["AffinitySwin", "WindowAffinityAttention", "AbsPosPatchEmbed", "SWIN_VARIANTS", "checkpoint_filter_fn"]
 
@@ -206,13 +206,4 @@ def _describe(spec: dict[str, Any]) -> str:
     return f"{dict(swin_t='Swin-T', swin_b='Swin-B')[spec['base']]} with {kind}, {pos}"
 
 
-def _entrypoint(name: str):
-    def entry(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
-        return _create_swin(name, pretrained, **kwargs)
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{_describe(SWIN_VARIANTS[name])} ({PAPER_NUMBERS[name]['source']})."
-    return register_model(entry)
-
-
-for _name in SWIN_VARIANTS:
-    globals()[_name] = _entrypoint(_name)
+register_variants(SWIN_VARIANTS, _create_swin, _describe, globals())

@@ -24,7 +24,7 @@ neither counts element-wise ops such as depth-wise attention's ``q ⊙ k̄`` and
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -331,15 +331,22 @@ def _describe(spec: dict[str, Any]) -> str:
     return f"{dict(deit_s='DeiT-S', deit_b='DeiT-B')[spec['base']]} with {kind}, {pos}{pool}"
 
 
-def _entrypoint(name: str):
-    def entry(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
-        return _create_vit(name, pretrained, **kwargs)
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{_describe(VIT_VARIANTS[name])} ({PAPER_NUMBERS[name]['source']})."
-    return register_model(entry)
+def register_variants(variants: dict[str, dict[str, Any]], create: Callable[..., nn.Module],
+                      describe: Callable[[dict[str, Any]], str], namespace: dict[str, Any]) -> None:
+    """Register one timm entry point per variant into ``namespace`` (a module's globals), documented from its
+    spec; the entry keeps that module's name, which timm records as the model's family."""
+    def make(name: str) -> Callable[..., nn.Module]:
+        def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+            return create(name, pretrained, **kwargs)
+        entry.__name__ = entry.__qualname__ = name
+        entry.__module__ = namespace["__name__"]
+        entry.__doc__ = f"{describe(variants[name])} ({PAPER_NUMBERS[name]['source']})."
+        return register_model(entry)
+
+    for name in variants:
+        namespace[name] = make(name)
 
 
-for _name in VIT_VARIANTS:
-    globals()[_name] = _entrypoint(_name)
+register_variants(VIT_VARIANTS, _create_vit, _describe, globals())
 
 from . import swin as _swin  # noqa: E402,F401  (registers the Swin rows; swin.py imports from this module)
