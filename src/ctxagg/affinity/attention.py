@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Affinity, merge_heads, split_heads, token_count
+from .base import Affinity, merge_heads, split_heads
 
 __all__ = ["SelfAttentionAffinity", "ATTENTION_NORMS"]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 

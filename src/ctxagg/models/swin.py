@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from ..affinity.attention import ATTENTION_NORMS, SelfAttentionAffinity
 from ..affinity.base import apply_matrix
 from ..affinity.dw_attention import DepthwiseSelfAttention
-from .vit import PAPER_NUMBERS, POSITIONS, RelativePositionBias, register_variants
+from .vit import POSITIONS, RelativePositionBias, register_variants
 
 __all__ = ["AffinitySwin", "WindowAffinityAttention", "AbsPosPatchEmbed", "SWIN_VARIANTS", "checkpoint_filter_fn"]
 

@@ -16,7 +16,7 @@ import random
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 import torch

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import logging
 import os
 import pickle
@@ -16,10 +15,9 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 

@@ -4,10 +4,8 @@ Single process, or several under ``torchrun`` (DistributedDataParallel; gloo on 
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -179,11 +177,6 @@ def subset_fraction(arrays: ImageArrays, fraction: float, seed: int) -> ImageArr
         rng.shuffle(idx)
         keep.append(idx[: max(1, int(round(len(idx) * fraction)))])
     return arrays.subset(np.sort(np.concatenate(keep)))
-
-
-class _Sampler(DistributedSampler):
-    """DistributedSampler (also for one process, so 1 and N processes see the same global order), or
-    timm's repeated-augmentation sampler."""
 
 
 def _loader(dataset, cfg: TrainConfig, train: bool, rank: int, world: int, generator_seed: int) -> DataLoader:

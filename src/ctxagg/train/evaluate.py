@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_write
