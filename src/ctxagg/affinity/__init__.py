@@ -1,4 +1,7 @@
-"""Affinity operators: every spatial mixer as ``A·V`` with an explicit ``matrix()`` (DESIGN.md)."""
+"""Affinity operators: every spatial mixer as ``A·V`` with an explicit ``matrix()`` (DESIGN.md).
+
+Every operator module registers its own builder with ``@register_affinity``; importing it here is what
+puts it in the registry, so a new operator file must be added to the imports below."""
 from .attention import ATTENTION_NORMS, SelfAttentionAffinity
 from .base import Affinity, apply_matrix, merge_heads, split_heads, token_count
 from .conv import GroupConvAffinity

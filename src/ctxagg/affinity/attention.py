@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Affinity, merge_heads, split_heads
+from .registry import AffinityContext, register_affinity
 
 __all__ = ["SelfAttentionAffinity", "ATTENTION_NORMS"]
 
@@ -100,3 +101,9 @@ class SelfAttentionAffinity(Affinity):
         if self.norm in ("none", "scale"):
             return 2 * tokens * self.dim * self.head_dim
         return 2 * tokens * tokens * self.dim
+
+
+@register_affinity("sa")
+def _build_sa(ctx: AffinityContext, k: Optional[int]) -> Affinity:
+    return SelfAttentionAffinity(ctx["dim"], ctx["heads"], norm=ctx.get("attn_norm", "softmax"),
+                                 attn_drop=ctx.get("attn_drop", 0.0))

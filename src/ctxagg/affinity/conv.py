@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .base import Affinity
 from .depthwise import conv_toeplitz
+from .registry import AffinityContext, register_affinity
 
 __all__ = ["GroupConvAffinity"]
 
@@ -49,3 +50,13 @@ class GroupConvAffinity(Affinity):
 
     def macs(self, tokens: int) -> int:
         return tokens * self.dim * self.head_dim * self.kernel_size ** 2
+
+
+@register_affinity("conv")
+def _build_conv(ctx: AffinityContext, k: Optional[int]) -> Affinity:
+    return GroupConvAffinity(ctx["dim"], k or 3, groups=1)
+
+
+@register_affinity("gconv")
+def _build_gconv(ctx: AffinityContext, k: Optional[int]) -> Affinity:
+    return GroupConvAffinity(ctx["dim"], k or 3, groups=ctx["heads"])

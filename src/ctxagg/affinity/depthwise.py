@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Affinity
+from .registry import AffinityContext, register_affinity
 
 __all__ = ["DepthwiseConvAffinity", "conv_toeplitz"]
 
@@ -82,3 +83,13 @@ class DepthwiseConvAffinity(Affinity):
 
     def macs(self, tokens: int) -> int:
         return tokens * self.dim * self.kernel_size ** 2
+
+
+@register_affinity("dw")
+def _build_dw(ctx: AffinityContext, k: Optional[int]) -> Affinity:
+    return DepthwiseConvAffinity(ctx["dim"], k or 3)
+
+
+@register_affinity("mhdw")
+def _build_mhdw(ctx: AffinityContext, k: Optional[int]) -> Affinity:
+    return DepthwiseConvAffinity(ctx["dim"], k or 3, heads=ctx["heads"])

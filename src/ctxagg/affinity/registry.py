@@ -1,15 +1,16 @@
-"""Build affinities from short names, so a mixer per stage is one string: ``"dw5"``, ``"mix(sa,dw5)"``."""
+"""Build affinities from short names, so a mixer per stage is one string: ``"dw5"``, ``"mix(sa,dw5)"``.
+
+This module is only the mechanism. Each operator registers its own builder in its own file with
+``@register_affinity("name")``; ``ctxagg.affinity`` imports every operator module, so importing the
+package fills the registry. ``mix(<dynamic>,<static>)`` is parsed here (AffinityMixture of two parts).
+"""
 from __future__ import annotations
 
 import re
 from typing import Callable, Optional
 
-from .attention import SelfAttentionAffinity
 from .base import Affinity
-from .conv import GroupConvAffinity
-from .depthwise import DepthwiseConvAffinity
-from .mixture import AffinityMixture
-from .token_mlp import TokenMlpAffinity
+from .mixture import AffinityMixture  # mixture imports only base: no cycle
 
 __all__ = ["AffinityContext", "build_affinity", "register_affinity", "affinity_names"]
 
@@ -26,73 +27,22 @@ _BUILDERS: dict[str, Builder] = {}
 
 def register_affinity(name: str) -> Callable[[Builder], Builder]:
     """Register ``builder(ctx, kernel_size_or_None) -> Affinity`` under ``name``."""
+    if not re.fullmatch(r"[a-z_]+", name):
+        raise ValueError(f"affinity names are lower-case letters and '_' (a digit suffix is the kernel size), "
+                         f"got {name!r}")
+
     def wrap(fn: Builder) -> Builder:
+        old = _BUILDERS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"affinity {name!r} is already registered by {_BUILDERS[name].__module__}")
         _BUILDERS[name] = fn
         return fn
     return wrap
 
 
 def affinity_names() -> list[str]:
+    """Every registered operator name, plus the ``mix(...)`` combinator."""
     return sorted(_BUILDERS) + ["mix(<dynamic>,<static>)"]
-
-
-def _tokens(ctx: AffinityContext) -> tuple[int, tuple[int, int]]:
-    grid = ctx.get("grid")
-    if grid is None:
-        raise ValueError("token-MLP affinities need a fixed grid: build the model with an img_size")
-    return grid[0] * grid[1], tuple(grid)
-
-
-def _mlp_rank(ctx: AffinityContext, tokens: int) -> Optional[int]:
-    """Rank of a low-rank token MLP: a fraction of N (float), an absolute rank (int) or None (dense)."""
-    rank = ctx.get("mlp_rank", 0.25)  # paper-silent: rank N/4 unless given (see models/container.py)
-    if rank is None:
-        return None
-    return min(tokens, max(1, round(tokens * rank))) if isinstance(rank, float) else min(tokens, int(rank))
-
-
-@register_affinity("sa")
-def _sa(ctx: AffinityContext, k: Optional[int]) -> Affinity:
-    return SelfAttentionAffinity(ctx["dim"], ctx["heads"], norm=ctx.get("attn_norm", "softmax"),
-                                 attn_drop=ctx.get("attn_drop", 0.0))
-
-
-@register_affinity("dw")
-def _dw(ctx: AffinityContext, k: Optional[int]) -> Affinity:
-    return DepthwiseConvAffinity(ctx["dim"], k or 3)
-
-
-@register_affinity("mhdw")
-def _mhdw(ctx: AffinityContext, k: Optional[int]) -> Affinity:
-    return DepthwiseConvAffinity(ctx["dim"], k or 3, heads=ctx["heads"])
-
-
-@register_affinity("conv")
-def _conv(ctx: AffinityContext, k: Optional[int]) -> Affinity:
-    return GroupConvAffinity(ctx["dim"], k or 3, groups=1)
-
-
-@register_affinity("gconv")
-def _gconv(ctx: AffinityContext, k: Optional[int]) -> Affinity:
-    return GroupConvAffinity(ctx["dim"], k or 3, groups=ctx["heads"])
-
-
-@register_affinity("mlp")
-def _mlp(ctx: AffinityContext, k: Optional[int]) -> Affinity:
-    n, grid = _tokens(ctx)
-    return TokenMlpAffinity(ctx["dim"], n, heads=1, grid=grid)
-
-
-@register_affinity("mlp_lr")
-def _mlp_lr(ctx: AffinityContext, k: Optional[int]) -> Affinity:
-    n, grid = _tokens(ctx)
-    return TokenMlpAffinity(ctx["dim"], n, heads=1, rank=_mlp_rank(ctx, n), grid=grid)
-
-
-@register_affinity("mh_mlp_lr")
-def _mh_mlp_lr(ctx: AffinityContext, k: Optional[int]) -> Affinity:
-    n, grid = _tokens(ctx)
-    return TokenMlpAffinity(ctx["dim"], n, heads=ctx["heads"], rank=_mlp_rank(ctx, n), grid=grid)
 
 
 _MIX = re.compile(r"^mix\((?P<dyn>[^,()]+),(?P<static>[^,()]+)\)$")

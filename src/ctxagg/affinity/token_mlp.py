@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Affinity, merge_heads, split_heads, token_count
+from .registry import AffinityContext, register_affinity
 
 __all__ = ["TokenMlpAffinity"]
 
@@ -67,3 +68,37 @@ class TokenMlpAffinity(Affinity):
         if self.rank is None:
             return tokens * tokens * self.dim
         return 2 * tokens * self.rank * self.dim
+
+
+def _fixed_grid(ctx: AffinityContext) -> tuple[int, tuple[int, int]]:
+    """(N, (H, W)) of the stage a token-MLP is built for; it has a fixed size, so the grid is required."""
+    grid = ctx.get("grid")
+    if grid is None:
+        raise ValueError("token-MLP affinities need a fixed grid: build the model with an img_size")
+    return grid[0] * grid[1], tuple(grid)
+
+
+def _mlp_rank(ctx: AffinityContext, tokens: int) -> Optional[int]:
+    """Rank of a low-rank token MLP: a fraction of N (float), an absolute rank (int) or None (dense)."""
+    rank = ctx.get("mlp_rank", 0.25)  # paper-silent: rank N/4 unless given (see models/container.py)
+    if rank is None:
+        return None
+    return min(tokens, max(1, round(tokens * rank))) if isinstance(rank, float) else min(tokens, int(rank))
+
+
+@register_affinity("mlp")
+def _build_mlp(ctx: AffinityContext, k: Optional[int]) -> Affinity:
+    n, grid = _fixed_grid(ctx)
+    return TokenMlpAffinity(ctx["dim"], n, heads=1, grid=grid)
+
+
+@register_affinity("mlp_lr")
+def _build_mlp_lr(ctx: AffinityContext, k: Optional[int]) -> Affinity:
+    n, grid = _fixed_grid(ctx)
+    return TokenMlpAffinity(ctx["dim"], n, heads=1, rank=_mlp_rank(ctx, n), grid=grid)
+
+
+@register_affinity("mh_mlp_lr")
+def _build_mh_mlp_lr(ctx: AffinityContext, k: Optional[int]) -> Affinity:
+    n, grid = _fixed_grid(ctx)
+    return TokenMlpAffinity(ctx["dim"], n, heads=ctx["heads"], rank=_mlp_rank(ctx, n), grid=grid)
