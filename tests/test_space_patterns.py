@@ -1,0 +1,151 @@
+"""Where attention looks (issue 17): window, shifted window, neighbourhood, axial, chain, conv-as-attention.
+
+Every reference below is written from the paper's equation with explicit Python loops over windows and
+neighbourhoods in float64; none calls the operator's own code path."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctxagg.affinity import build_affinity
+from ctxagg.affinity.window import WindowAttention
+from ctxagg.bench import largest_intermediate
+
+DIM, HEADS = 8, 2
+
+
+def _qkv(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _randomise(module, seed=1):
+    """Give every parameter random values (relative tables start near zero, which hides index bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+def _softmax_row(logits):
+    top = max(logits)
+    e = [math.exp(x - top) for x in logits]
+    return [x / sum(e) for x in e]
+
+
+# ---------------------------------------------------------------- window / shifted window (Swin §3.2)
+
+def swin_reference(v, q, k, window, shift, heads, table=None):
+    """Swin §3.2 literally: zero-pad bottom/right to a multiple of the window, cyclically shift by −shift,
+    label the 3×3 regions with Swin's slices, attend inside each window among same-region real tokens
+    (padded keys excluded) with bias table[(Δy+w−1)(2w−1) + Δx+w−1], shift back, crop."""
+    b, c, h, w = v.shape
+    d = c // heads
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    sy, sx = (shift if hp > window else 0), (shift if wp > window else 0)
+
+    def region_labels(n, s):
+        if s == 0:
+            return [0] * n
+        labels = [0] * n
+        for i in range(n - window, n - s):
+            labels[i] = 1
+        for i in range(n - s, n):
+            labels[i] = 2
+        return labels
+
+    ry, rx = region_labels(hp, sy), region_labels(wp, sx)
+    orig = lambda p, s, n: (p + s) % n  # rolled position -> original position
+    out = torch.zeros_like(v)
+    for bi in range(b):
+        for m in range(heads):
+            ch = slice(m * d, (m + 1) * d)
+            for y0 in range(0, hp, window):
+                for x0 in range(0, wp, window):
+                    cells = [(y, x) for y in range(y0, y0 + window) for x in range(x0, x0 + window)]
+                    for qy, qx in cells:
+                        oy, ox = orig(qy, sy, hp), orig(qx, sx, wp)
+                        if oy >= h or ox >= w:
+                            continue
+                        keys, logits = [], []
+                        for ky, kx in cells:
+                            iy, ix = orig(ky, sy, hp), orig(kx, sx, wp)
+                            if iy >= h or ix >= w or ry[ky] != ry[qy] or rx[kx] != rx[qx]:
+                                continue
+                            logit = float(q[bi, ch, oy, ox] @ k[bi, ch, iy, ix]) / math.sqrt(d)
+                            if table is not None:
+                                dy, dx = (qy - y0) - (ky - y0), (qx - x0) - (kx - x0)
+                                logit += float(table[(dy + window - 1) * (2 * window - 1) + dx + window - 1, m])
+                            keys.append((iy, ix))
+                            logits.append(logit)
+                        for a, (iy, ix) in zip(_softmax_row(logits), keys):
+                            out[bi, ch, oy, ox] += a * v[bi, ch, iy, ix]
+    return out
+
+
+@pytest.mark.parametrize("grid", [(5, 7), (6, 6), (4, 7), (1, 3)])
+@pytest.mark.parametrize("spec,shift", [("window3", 0), ("shifted_window3", 1)])
+def test_window_attention_matches_swin_loops_and_matrix(grid, spec, shift):
+    aff = _randomise(build_affinity(spec, dim=DIM, heads=HEADS).double())
+    assert isinstance(aff, WindowAttention) and aff.shift == shift
+    v, q, k = _qkv((2, DIM, *grid))
+    out = aff(v, q, k)
+    assert out.shape == v.shape
+    ref = swin_reference(v, q, k, 3, shift, HEADS, table=aff.rel_table.detach())
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aff.reference(v, q, k), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_window_matrix_is_block_diagonal_and_shift_window_is_not():
+    v, q, k = _qkv((1, DIM, 6, 6))
+    plain = build_affinity("window3", dim=DIM, heads=HEADS).double().matrix(v.shape, q, k)
+    ys = torch.arange(36) // 6
+    xs = torch.arange(36) % 6
+    same = ((ys[:, None] // 3) == (ys[None] // 3)) & ((xs[:, None] // 3) == (xs[None] // 3))
+    assert (plain[..., ~same] == 0).all() and (plain[..., same] > 0).all()
+    torch.testing.assert_close(plain.sum(-1), torch.ones(1, HEADS, 36, dtype=torch.float64))
+    shifted = build_affinity("shifted_window3", dim=DIM, heads=HEADS).double().matrix(v.shape, q, k)
+    # token (0,0) is alone in its wrapped region after a shift of 1 along both axes; (1,1)..(3,3) share a window
+    assert shifted[0, 0, 0, 0] == 1.0
+    assert (shifted[0, :, 7, [7, 8, 9, 13, 14, 15, 19, 20, 21]] > 0).all() and shifted[0, 0, 7, 6] == 0
+
+
+def test_window_known_answer_padding_does_not_leak():
+    aff = WindowAttention(1, 1, window=2, rel_pos=False).double()
+    v = torch.tensor([[[[1.0, 2.0, 3.0]]]], dtype=torch.float64)
+    zeros = torch.zeros_like(v)  # q = k = 0: uniform weights over each window's real tokens
+    assert aff(v, zeros, zeros).flatten().tolist() == [1.5, 1.5, 3.0]  # 1.0 at x=2 if the pad leaked
+    shifted = WindowAttention(1, 1, window=2, shift=1, rel_pos=False).double()
+    assert shifted(v, zeros, zeros).flatten().tolist() == [1.0, 2.5, 2.5]  # groups {0} {1,2} (pad)
+
+
+def test_window_gradients_flow_to_inputs_and_bias():
+    aff = _randomise(WindowAttention(4, 2, window=2, shift=1).double())
+    v, q, k = (t.requires_grad_() for t in _qkv((1, 4, 3, 5)))
+    assert torch.autograd.gradcheck(lambda a, b, c: aff(a, b, c), (v, q, k))
+    aff(v, q, k).square().sum().backward()
+    assert aff.rel_table.grad.abs().sum() > 0
+
+
+def test_window_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="0 <= shift < window"):
+        WindowAttention(8, 2, window=3, shift=3)
+    with pytest.raises(ValueError, match="pass q and k"):
+        WindowAttention(8, 2)(torch.randn(1, 8, 4, 4))
+    with pytest.raises(ValueError, match="needs a \\(B, C, H, W\\)"):
+        WindowAttention(8, 2)(torch.randn(1, 16, 8), torch.randn(1, 16, 8), torch.randn(1, 16, 8))
+
+
+# ---------------------------------------------------------------- never N×N in forward
+
+@pytest.mark.parametrize("spec", ["window7", "shifted_window7"])
+def test_sparse_patterns_never_materialise_n_by_n(spec):
+    grid, dim = (64, 64), 16  # N = 4096, N² = 16.8M elements
+    torch.manual_seed(0)
+    aff = build_affinity(spec, dim=dim, heads=2)
+    v, q, k = (torch.randn(1, dim, *grid) for _ in range(3))
+    n = grid[0] * grid[1]
+    with torch.no_grad():
+        assert largest_intermediate(lambda: aff(v, q, k)) < n * n / 8
