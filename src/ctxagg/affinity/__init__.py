@@ -3,7 +3,7 @@
 Every operator module registers its own builder with ``@register_affinity``; importing it here is what
 puts it in the registry, so a new operator file must be added to the imports below."""
 from .attention import ATTENTION_NORMS, SelfAttentionAffinity
-from .base import Affinity, apply_matrix, from_tokens, merge_heads, split_heads, to_tokens, token_count
+from .base import Affinity, apply_matrix, merge_heads, split_heads, token_count
 from .conv import GroupConvAffinity
 from .depthwise import DepthwiseConvAffinity, conv_toeplitz
 from .mixture import GATES, AffinityMixture, expand_heads
@@ -19,5 +19,5 @@ __all__ = [
     "AffinityMixture", "AffinityContext", "ATTENTION_NORMS", "GATES", "apply_matrix", "split_heads",
     "merge_heads", "token_count", "conv_toeplitz", "expand_heads", "build_affinity", "register_affinity",
     "affinity_names", "KeyOnlyAttention", "LocallyEnhancedSelfAttention", "RelativeSelfAttention2d",
-    "AttentionAugmentedConv", "DepthwiseSelfAttention", "to_tokens", "from_tokens",
+    "AttentionAugmentedConv", "DepthwiseSelfAttention",
 ]
