@@ -32,7 +32,7 @@ def test_matrix_times_values_equals_forward(spec):
 
 @pytest.mark.parametrize("norm", ATTENTION_NORMS)
 def test_attention_normalisers_match_their_matrix(norm):
-    aff = SelfAttentionAffinity(DIM, HEADS, norm=norm).double()
+    aff = SelfAttentionAffinity(DIM, HEADS, normaliser=norm).double()
     v, q, k = _inputs()
     torch.testing.assert_close(aff(v, q, k), aff.reference(v, q, k), rtol=1e-10, atol=1e-10)
 
@@ -41,8 +41,8 @@ def test_softmax_rows_sum_to_one_and_scale_divides_by_tokens():
     v, q, k = _inputs()
     a = SelfAttentionAffinity(DIM, HEADS).double().matrix(v.shape, q, k)
     torch.testing.assert_close(a.sum(-1), torch.ones_like(a[..., 0]))
-    raw = SelfAttentionAffinity(DIM, HEADS, norm="none").double().matrix(v.shape, q, k)
-    scaled = SelfAttentionAffinity(DIM, HEADS, norm="scale").double().matrix(v.shape, q, k)
+    raw = SelfAttentionAffinity(DIM, HEADS, normaliser="none").double().matrix(v.shape, q, k)
+    scaled = SelfAttentionAffinity(DIM, HEADS, normaliser="scale").double().matrix(v.shape, q, k)
     torch.testing.assert_close(scaled * v.shape[2] * v.shape[3], raw)
 
 

@@ -68,23 +68,24 @@ def test_variants_follow_section_3_4():
 @pytest.mark.parametrize("shape", [(2, 16, 5, 7), (2, 35, 16)])
 def test_key_only_matrix_reproduces_forward(shape):
     aff = _key_only()
-    v, q, k = (_randn(*shape, seed=s) for s in range(3))
-    out = aff(v, q, k)
-    assert out.shape == v.shape
-    torch.testing.assert_close(out, aff.reference(v, q, k), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(aff(v, q), aff(v, q, v))  # k defaults to v (the LinGlo block's K, V, K)
+    keys, gate, saliency_input = (_randn(*shape, seed=s) for s in range(3))
+    out = aff(keys, gate=gate, saliency_input=saliency_input)
+    assert out.shape == keys.shape
+    torch.testing.assert_close(out, aff.reference(keys, gate, saliency_input), rtol=1e-10, atol=1e-10)
+    # the saliency input defaults to the aggregated keys (the LinGlo block's K, V, K)
+    torch.testing.assert_close(aff(keys, gate=gate), aff(keys, gate=gate, saliency_input=keys))
 
 
 def test_key_only_matrix_is_rank_one_affinity_plus_identity():
     aff = _key_only()
-    v, q, k = (_randn(1, 16, 3, 4, seed=s) for s in range(3))
+    keys, gate_map, saliency_input = (_randn(1, 16, 3, 4, seed=s) for s in range(3))
     n, c = 12, 16
-    m = aff.matrix(v.shape, q, k)[0, 0].view(n, c, n, c)  # [n, c', i, c]
+    m = aff.matrix(keys.shape, gate=gate_map, saliency_input=saliency_input)[0, 0].view(n, c, n, c)  # [n, c', i, c]
     dyn = m - torch.eye(n * c, dtype=m.dtype).view(n, c, n, c)
-    a = aff.attention_weights(k)[0]  # (heads, N), Eq. 2
+    a = aff.attention_weights(saliency_input)[0]  # (heads, N), Eq. 2
     torch.testing.assert_close(a.sum(-1), torch.ones(4, dtype=a.dtype))
     # with the gate and U1 removed, every query position sees the same saliency weights: 1·aᵀ
-    gate = q[0].flatten(1).T  # (N, C)
+    gate = gate_map[0].flatten(1).T  # (N, C)
     w = aff.u1.weight  # (C', C)
     expected = torch.einsum("ci,nc,dc->ndic", a.repeat_interleave(4, 0), gate, w)
     torch.testing.assert_close(dyn, expected)
@@ -125,10 +126,10 @@ def test_key_only_registered_and_checks_inputs():
     aff = build_affinity("key_only", dim=16, heads=4)
     assert isinstance(aff, KeyOnlyAttention) and aff.dynamic
     assert aff.macs(100) == 100 * 16 * 18
-    with pytest.raises(ValueError, match="needs the gate q"):
+    with pytest.raises(ValueError, match="needs the gate"):
         aff(torch.randn(1, 16, 4, 4))
-    with pytest.raises(ValueError, match="shaped like v"):
-        aff(torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 5))
+    with pytest.raises(ValueError, match="shaped like the aggregated keys"):
+        aff(torch.randn(1, 16, 4, 4), gate=torch.randn(1, 16, 4, 5))
 
 
 # ---------------------------------------------------------------- memory: linear vs quadratic (§3.1, §5.2)
@@ -146,7 +147,7 @@ def test_key_only_memory_grows_linearly_dot_product_quadratically():
     stats = {}
     for side in (16, 32):  # N = 256 and 4N = 1024 tokens
         v, q, k = (torch.randn(1, dim, side, side) for _ in range(3))
-        stats["key_only", side] = _peak_and_largest(lambda: key_only(v, q, k))
+        stats["key_only", side] = _peak_and_largest(lambda: key_only(k, gate=v, saliency_input=k))
         with sdpa_kernel([SDPBackend.MATH]):  # stored N×N scores: the dot-product attention the paper measured
             stats["dot", side] = _peak_and_largest(lambda: dot(v, q, k))
     for i in range(2):  # peak bytes, then largest tensor

@@ -3,7 +3,7 @@
 Every operator module registers its own builder with ``@register_affinity``; importing it here is what
 puts it in the registry, so a new operator file must be added to the imports below."""
 from .attention import ATTENTION_NORMS, SelfAttentionAffinity
-from .base import Affinity, apply_matrix, merge_heads, split_heads, token_count
+from .base import Affinity, apply_matrix, from_tokens, merge_heads, split_heads, to_tokens, token_count
 from .conv import GroupConvAffinity
 from .depthwise import DepthwiseConvAffinity, conv_toeplitz
 from .mixture import GATES, AffinityMixture, expand_heads
@@ -13,11 +13,12 @@ from .key_only import KeyOnlyAttention
 from .dw_attention import DepthwiseSelfAttention
 from .lesa import AttentionAugmentedConv, LocallyEnhancedSelfAttention, RelativeSelfAttention2d
 from .window import WindowAttention
+from .neighbourhood import NeighbourhoodAttention
 
 __all__ = [
     "Affinity", "SelfAttentionAffinity", "DepthwiseConvAffinity", "GroupConvAffinity", "TokenMlpAffinity",
     "AffinityMixture", "AffinityContext", "ATTENTION_NORMS", "GATES", "apply_matrix", "split_heads",
     "merge_heads", "token_count", "conv_toeplitz", "expand_heads", "build_affinity", "register_affinity",
     "affinity_names", "KeyOnlyAttention", "LocallyEnhancedSelfAttention", "RelativeSelfAttention2d",
-    "AttentionAugmentedConv", "DepthwiseSelfAttention",
+    "AttentionAugmentedConv", "DepthwiseSelfAttention", "to_tokens", "from_tokens",
 ]

@@ -11,12 +11,24 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Affinity", "split_heads", "merge_heads", "apply_matrix", "token_count"]
+__all__ = ["Affinity", "split_heads", "merge_heads", "apply_matrix", "token_count", "to_tokens", "from_tokens"]
 
 
 def token_count(shape: Sequence[int]) -> int:
     """Number of tokens N of a (B, C, H, W) feature map or (B, N, C) token tensor shape."""
     return shape[2] * shape[3] if len(shape) == 4 else shape[1]
+
+
+def to_tokens(x: Tensor) -> Tensor:
+    """A (B, C, H, W) feature map or (B, N, C) tokens as (B, N, C) tokens (a view where possible)."""
+    return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
+
+
+def from_tokens(tokens: Tensor, like_shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`to_tokens`: (B, N, C) back to the layout of ``like_shape`` ((B, C, H, W) or (B, N, C))."""
+    if len(like_shape) == 4:
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], like_shape[2], like_shape[3])
+    return tokens
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

@@ -17,20 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Affinity, apply_matrix, merge_heads, split_heads, token_count
+from .base import Affinity, apply_matrix, from_tokens, merge_heads, split_heads, to_tokens, token_count
 from .registry import AffinityContext, register_affinity
 
 __all__ = ["DepthwiseSelfAttention"]
-
-
-def _tokens(x: Tensor) -> Tensor:
-    """(B, C, H, W) or (B, N, C) -> (B, N, C)."""
-    return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
-
-
-def _like(x: Tensor, shape: Sequence[int]) -> Tensor:
-    """(B, N, C) back to the layout of ``shape``."""
-    return x.transpose(1, 2).reshape(shape) if len(shape) == 4 else x
 
 
 class DepthwiseSelfAttention(Affinity):
@@ -79,7 +69,7 @@ class DepthwiseSelfAttention(Affinity):
         if k is not None and k is not v:
             raise ValueError("DepthwiseSelfAttention aggregates the keys: pass them as v (k=None or k=v)")
         self.check_input(v)
-        kt, qt = _tokens(v), _tokens(q)
+        kt, qt = to_tokens(v), to_tokens(q)
         n = kt.shape[1]
         if select is None:
             k_bar = kt.mean(1, keepdim=True)  # every query selects all keys: one averaged kernel
@@ -91,13 +81,13 @@ class DepthwiseSelfAttention(Affinity):
             p = self._rel_bias(attn_bias, select, n).to(kt.dtype)
             rel = merge_heads(p @ split_heads(kt[:, n - nb:], self.pos_heads), (0, nb, 0))
             out = torch.cat([out[:, :n - nb], out[:, n - nb:] + rel], 1) if nb < n else out + rel
-        return _like(out, v.shape)
+        return from_tokens(out, v.shape)
 
     def matrix(self, v_shape: Sequence[int], q: Optional[Tensor] = None, k: Optional[Tensor] = None,
                attn_bias: Optional[Tensor] = None, select: Optional[Tensor] = None) -> Tensor:
         if q is None:
             raise ValueError("DepthwiseSelfAttention is dynamic: matrix() needs q")
-        qt = _tokens(q)
+        qt = to_tokens(q)
         n = token_count(v_shape)
         w = qt.new_full((1, n, n), 1.0 / n) if select is None else self._weights(select, qt.dtype)
         a = qt.transpose(1, 2).unsqueeze(-1) * w.unsqueeze(1)  # (B, C, N, N): q_i[c] / |S_i| on selected j
@@ -119,5 +109,5 @@ class DepthwiseSelfAttention(Affinity):
 
 
 @register_affinity("dw_sa")
-def _dw_sa(ctx: AffinityContext, k: Optional[int]) -> Affinity:
+def _build_dw_sa(ctx: AffinityContext, k: Optional[int]) -> Affinity:
     return DepthwiseSelfAttention(ctx["dim"], ctx.get("heads", 1))

@@ -6,23 +6,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Affinity, split_heads
+from .base import Affinity, from_tokens, split_heads, to_tokens
 from .registry import AffinityContext, register_affinity
 
 __all__ = ["KeyOnlyAttention"]
-
-
-def _tokens(x: Tensor) -> Tensor:
-    """(B, C, H, W) or (B, N, C) -> (B, N, C)."""
-    return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
-
-
-def _like(t: Tensor, like_shape: Sequence[int]) -> Tensor:
-    """(B, N, C) back to the layout of ``like_shape``."""
-    if len(like_shape) == 4:
-        b, c, h, w = like_shape
-        return t.transpose(1, 2).reshape(b, c, h, w)
-    return t
 
 
 class KeyOnlyAttention(Affinity):
@@ -34,21 +21,22 @@ class KeyOnlyAttention(Affinity):
     ``proj_out``); this module owns W_saliency and U1 and adds the K skip, i.e. it returns the inner
     bracket of Eq. 4, so ``proj_out(affinity(...))`` is the paper's Y.
 
-    Roles in the affinity contract ``forward(v, q, k)``:
-      - ``k``: the saliency source (the paper's K, Eq. 2); defaults to ``v``;
-      - ``v``: what is aggregated across positions (the paper's K again: G is a weighted sum of keys);
-      - ``q``: the per-position gate that meets the global context (the paper's V, which plays a query's
-        role: it is the only per-position input interacting with G). The LinGlo block passes (K, V, K).
+    Inputs, named for their role (they fill the (v, q, k) slots of the affinity contract in that order):
+      - ``aggregated``: what is summed across positions, the paper's K (G is a weighted sum of keys, Eq. 3);
+      - ``gate``: the per-position input that meets the global context, the paper's V (``G ⊙ V``);
+      - ``saliency_input``: what the attention weights are computed from, the paper's K again (Eq. 2); defaults to
+        ``aggregated``. The LinGlo block calls ``affinity(k, gate=v, saliency_input=k)``.
 
-    ``matrix()`` — the decomposition. Given (k, q), the output is linear in v. Per head h(c) of channel c
-    and with U1[c, c'] mapping channel c to c', over (position, channel) pairs (index n·C + c)::
+    ``matrix()`` — the decomposition. Given (gate, saliency_input), the output is linear in ``aggregated``.
+    Per head h(c) of channel c and with U1[c, c'] mapping channel c to c', over (position, channel) pairs
+    (index n·C + c)::
 
-        Z[n, c'] = Σ_i Σ_c  a_h(c)[i] · q[n, c] · U1[c, c'] · v[i, c]  +  v[n, c']  +  b1[c']
-        M[(n, c'), (i, c)] = a_h(c)[i] · q[n, c] · U1[c, c']  +  δ_ni δ_cc'
+        Z[n, c'] = Σ_i Σ_c  a_h(c)[i] · gate[n, c] · U1[c, c'] · K[i, c]  +  K[n, c']  +  b1[c']
+        M[(n, c'), (i, c)] = a_h(c)[i] · gate[n, c] · U1[c, c']  +  δ_ni δ_cc'
 
     The first term is the dynamic affinity: the rank-one spatial matrix 1·a_hᵀ (every position uses the
-    same saliency weights — attention without a query), gated per position by q and mixed by U1; the second
-    is the identity (the K skip of Eq. 4); U1's bias is :meth:`bias_term`. U1 mixes heads, so the matrix
+    same saliency weights — attention without a query), gated per position by the gate and mixed by U1; the
+    second is the identity (the K skip of Eq. 4); U1's bias is :meth:`bias_term`. U1 mixes heads, so the matrix
     has one head and shape (B, 1, N·C, N·C): for tests and small-N analysis only.
     :meth:`attention_weights` gives the N-vector A of Eq. 2 for inspection.
 
@@ -68,37 +56,42 @@ class KeyOnlyAttention(Affinity):
         nn.init.trunc_normal_(self.u1.weight, std=0.02)
         nn.init.zeros_(self.u1.bias)
 
-    def attention_weights(self, k: Tensor) -> Tensor:
+    def attention_weights(self, saliency_input: Tensor) -> Tensor:
         """A = softmax(K W_saliency / √d) over positions (Eq. 2), shape (B, heads, N)."""
-        logits = (split_heads(k, self.heads) @ self.saliency.unsqueeze(-1)).squeeze(-1)
+        logits = (split_heads(saliency_input, self.heads) @ self.saliency.unsqueeze(-1)).squeeze(-1)
         return (logits * self.scale).softmax(dim=-1)
 
-    def _check(self, v: Tensor, q: Optional[Tensor], k: Optional[Tensor]) -> Tensor:
-        if q is None:
-            raise ValueError("KeyOnlyAttention needs the gate q (the paper's V); pass q shaped like v")
-        self.check_input(v)
-        k = v if k is None else k
-        if q.shape != v.shape or k.shape != v.shape:
-            raise ValueError(f"q and k must be shaped like v {tuple(v.shape)}, got {tuple(q.shape)}, {tuple(k.shape)}")
-        return k
+    def _check(self, aggregated: Tensor, gate: Optional[Tensor], saliency_input: Optional[Tensor]) -> Tensor:
+        if gate is None:
+            raise ValueError("KeyOnlyAttention needs the gate (the paper's V); pass gate= shaped like the keys")
+        self.check_input(aggregated)
+        saliency_input = aggregated if saliency_input is None else saliency_input
+        if gate.shape != aggregated.shape or saliency_input.shape != aggregated.shape:
+            raise ValueError(f"gate and saliency_input must be shaped like the aggregated keys "
+                             f"{tuple(aggregated.shape)}, got {tuple(gate.shape)}, {tuple(saliency_input.shape)}")
+        return saliency_input
 
-    def forward(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
-        k = self._check(v, q, k)
-        a = self.attention_weights(k)  # (B, M, N)
-        context = a.unsqueeze(-2) @ split_heads(v, self.heads)  # G, Eq. 3: (B, M, 1, d)
-        gated = split_heads(q, self.heads) * context  # G ⊙ V: (B, M, N, d)
+    def forward(self, aggregated: Tensor, gate: Optional[Tensor] = None,
+                saliency_input: Optional[Tensor] = None) -> Tensor:
+        saliency_input = self._check(aggregated, gate, saliency_input)
+        a = self.attention_weights(saliency_input)  # (B, M, N)
+        context = a.unsqueeze(-2) @ split_heads(aggregated, self.heads)  # G, Eq. 3: (B, M, 1, d)
+        gated = split_heads(gate, self.heads) * context  # G ⊙ V: (B, M, N, d)
         b, m, n, d = gated.shape
-        z = self.u1(gated.transpose(1, 2).reshape(b, n, m * d)) + _tokens(v)
-        return _like(z, v.shape)
+        z = self.u1(gated.transpose(1, 2).reshape(b, n, m * d)) + to_tokens(aggregated)
+        return from_tokens(z, aggregated.shape)
 
-    def matrix(self, v_shape: Sequence[int], q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
-        """(B, 1, N·C, N·C): the dynamic affinity plus the identity, over (position, channel) pairs."""
-        if q is None or k is None:
-            raise ValueError("KeyOnlyAttention is dynamic: matrix() needs q (the gate) and k (the saliency source)")
-        a = self.attention_weights(k).repeat_interleave(self.head_dim, dim=1)  # (B, C, N): a_h(c)[i]
-        gate = _tokens(q)  # (B, N, C): q[n, c]
-        m = torch.einsum("bci,bnc,dc->bndic", a, gate, self.u1.weight)  # [b, n, c', i, c]
-        b, n, c = gate.shape
+    def matrix(self, v_shape: Sequence[int], gate: Optional[Tensor] = None,
+               saliency_input: Optional[Tensor] = None) -> Tensor:
+        """(B, 1, N·C, N·C): the dynamic affinity plus the identity, over (position, channel) pairs; applied to
+        the aggregated keys of shape ``v_shape``."""
+        if gate is None or saliency_input is None:
+            raise ValueError("KeyOnlyAttention is dynamic: matrix() needs the gate (paper's V) and the saliency "
+                             "input (paper's K)")
+        a = self.attention_weights(saliency_input).repeat_interleave(self.head_dim, dim=1)  # (B, C, N): a_h(c)[i]
+        gate_tokens = to_tokens(gate)  # (B, N, C): gate[n, c]
+        m = torch.einsum("bci,bnc,dc->bndic", a, gate_tokens, self.u1.weight)  # [b, n, c', i, c]
+        b, n, c = gate_tokens.shape
         m = m.reshape(b, n * c, n * c)
         m = m + torch.eye(n * c, dtype=m.dtype, device=m.device)
         return m.unsqueeze(1)
@@ -112,5 +105,5 @@ class KeyOnlyAttention(Affinity):
 
 
 @register_affinity("key_only")
-def _key_only(ctx: AffinityContext, kernel: Optional[int]) -> Affinity:
+def _build_key_only(ctx: AffinityContext, k: Optional[int]) -> Affinity:
     return KeyOnlyAttention(ctx["dim"], ctx["heads"])

@@ -31,18 +31,21 @@ class AffinityMixture(Affinity):
     heads and 512 depthwise channels meet at 512 heads, Container §3.3).
     """
 
-    def __init__(self, dynamic: Affinity, static: Affinity, gate: str = "convex"):
-        if dynamic.dim != static.dim:
-            raise ValueError(f"mixture parts disagree on dim: {dynamic.dim} vs {static.dim}")
+    def __init__(self, dynamic_affinity: Affinity, static_affinity: Affinity, gate: str = "convex"):
+        if dynamic_affinity.dim != static_affinity.dim:
+            raise ValueError(f"mixture parts disagree on dim: {dynamic_affinity.dim} vs {static_affinity.dim}")
+        if static_affinity.dynamic:
+            raise ValueError(f"the static part of a mixture must not depend on the input, got "
+                             f"{type(static_affinity).__name__}")
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
-        super().__init__(dynamic.dim, math.lcm(dynamic.heads, static.heads))
-        self.dynamic_affinity = dynamic
-        self.static_affinity = static
+        super().__init__(dynamic_affinity.dim, math.lcm(dynamic_affinity.heads, static_affinity.heads))
+        self.dynamic_affinity = dynamic_affinity
+        self.static_affinity = static_affinity
         self.gate = gate
-        self.dynamic = dynamic.dynamic or static.dynamic
-        self.needs_grid = dynamic.needs_grid or static.needs_grid
-        self.fixed_tokens = static.fixed_tokens or dynamic.fixed_tokens
+        self.dynamic = dynamic_affinity.dynamic  # the Affinity flag: whether forward needs q and k
+        self.needs_grid = dynamic_affinity.needs_grid or static_affinity.needs_grid
+        self.fixed_tokens = static_affinity.fixed_tokens or dynamic_affinity.fixed_tokens
         if gate == "convex":
             self.gate_logit = nn.Parameter(torch.zeros(1))
         else:

@@ -24,6 +24,7 @@ from ..affinity import Affinity, AffinityMixture, DepthwiseConvAffinity
 from ..affinity.attention import SelfAttentionAffinity
 from ..affinity.conv import GroupConvAffinity
 from ..affinity.key_only import KeyOnlyAttention
+from ..affinity.base import to_tokens
 from ..affinity.mixture import expand_heads
 
 __all__ = ["AffinityCall", "capture_affinity_calls", "outer_affinities", "conv_rows", "affinity_rows", "call_rows",
@@ -93,15 +94,17 @@ def capture_affinity_calls(model: nn.Module, images: Tensor) -> tuple[Any, list[
             if name in seen:
                 return
             seen.add(name)
-            bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
-            v = bound["v"]
-            extra = {key: val for key, val in bound.items() if key not in ("self", "v", "q", "k") and val is not None}
+            signature = inspect.signature(type(module).forward)
+            bound = signature.bind(module, *args, **kwargs).arguments
+            slots = list(signature.parameters)[1:4]  # the contract's (v, q, k), whatever an operator names them
+            v, q, k = (bound.get(name) for name in slots)
+            extra = {key: val for key, val in bound.items() if key not in ("self", *slots) and val is not None}
             if v.ndim == 4:
                 grid, prefix = tuple(v.shape[-2:]), 0
             else:
                 grid, prefix = _infer_grid(v.shape[1], recent)
             detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
-            calls.append(AffinityCall(name, module, tuple(v.shape), detach(bound.get("q")), detach(bound.get("k")),
+            calls.append(AffinityCall(name, module, tuple(v.shape), detach(q), detach(k),
                                       grid, prefix, {key: detach(val) for key, val in extra.items()}))
         return hook
 
@@ -131,10 +134,6 @@ def conv_rows(kernel: Tensor, grid: Sequence[int], rows: Tensor) -> Tensor:
     return canvas[:, :, kh // 2:kh // 2 + h, kw // 2:kw // 2 + w].reshape(m, r, h * w)
 
 
-def _tokens(x: Tensor) -> Tensor:
-    return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
-
-
 @torch.no_grad()
 def affinity_rows(affinity: Affinity, call: AffinityCall, rows: Tensor, budget: int = 2 ** 26) -> Tensor:
     """Rows ``rows`` (token indices, (R,)) of the affinity ``A`` of ``call``: (B or 1, heads, R, N).
@@ -161,7 +160,7 @@ def affinity_rows(affinity: Affinity, call: AffinityCall, rows: Tensor, budget: 
         return a.unsqueeze(2).expand(a.shape[0], a.shape[1], rows.numel(), a.shape[2])
     n = call.tokens
     if isinstance(affinity, SelfAttentionAffinity) and not call.extra:
-        return affinity.matrix(call.v_shape, _tokens(call.q)[:, rows.to(call.q.device)], call.k)
+        return affinity.matrix(call.v_shape, to_tokens(call.q)[:, rows.to(call.q.device)], call.k)
     size = (call.q.shape[0] if call.q is not None else 1) * affinity.heads * n * n
     if size > budget:
         raise ValueError(f"{type(affinity).__name__} needs its full {n}×{n} matrix ({size:,} elements > budget {budget:,})")

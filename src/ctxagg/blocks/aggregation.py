@@ -37,8 +37,9 @@ class AggregationBlock(nn.Module):
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def qkv(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """(v, q, k) for the affinity from the block input *after* the positional term."""
+    def affinity_inputs(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The affinity's positional inputs, in the order of its ``forward`` (the contract's (v, q, k)),
+        from the block input *after* the positional term; q and k are None for a static affinity."""
         y = self.proj_in(self.norm1(x))
         if self.affinity.dynamic:
             q, k, v = y.chunk(3, dim=1)
@@ -48,7 +49,7 @@ class AggregationBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.pos_embed is not None:
             x = x + self.pos_embed(x) if self.pos_residual else self.pos_embed(x)
-        v, q, k = self.qkv(x)
+        v, q, k = self.affinity_inputs(x)
         x = x + self.drop_path1(self.proj_drop(self.proj_out(self.affinity(v, q, k))))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
@@ -92,7 +93,8 @@ class TokenAggregationBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def qkv(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    def affinity_inputs(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The affinity's positional inputs (v, q, k) in the order of its ``forward``; see AggregationBlock."""
         y = self.proj_in(self.norm1(x))
         if self.affinity.dynamic:
             q, k, v = y.chunk(3, dim=-1)
@@ -100,6 +102,6 @@ class TokenAggregationBlock(nn.Module):
         return y, None, None
 
     def forward(self, x: Tensor) -> Tensor:
-        v, q, k = self.qkv(x)
+        v, q, k = self.affinity_inputs(x)
         x = x + self.drop_path1(self.proj_drop(self.proj_out(self.affinity(v, q, k))))
         return x + self.drop_path2(self.mlp(self.norm2(x)))

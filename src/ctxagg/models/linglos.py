@@ -103,7 +103,7 @@ class TokenMixer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.key_only:
             k, v = self.proj_in(x).chunk(2, dim=-1)
-            z = self.affinity(k, q=v, k=k)
+            z = self.affinity(k, gate=v, saliency_input=k)  # aggregate K, gated by V, weights from K
         else:
             q, k, v = self.proj_in(x).chunk(3, dim=-1)
             z = self.affinity(v, q, k)
