@@ -1,0 +1,519 @@
+"""Independent float64 references of every affinity operator, written from the papers' equations.
+
+Rules: a reference reads only an operator's *parameters* (and its constructor configuration: heads,
+kernel size, grid, normaliser name) and never calls the operator's own code path (no ``forward``,
+``matrix``, ``apply_matrix``, ``split_heads``, ``conv_toeplitz``, ``F.conv2d``, ``F.layer_norm``,
+``softmax``, SDPA ...). Sums are explicit loops or ``einsum`` over the indices of the equation.
+
+Layout conventions (the affinity contract, not the operators' code): a (B, C, H, W) map is read as
+tokens n = y·W + x; channel c belongs to head c // (C / M).
+
+``reference_for(op)`` returns the reference of an operator instance, or raises a clear error naming
+the class that has none; the registry test uses it so that a newly registered operator cannot pass
+without an independent reference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ctxagg.affinity import (AffinityMixture, DepthwiseConvAffinity, DepthwiseSelfAttention, GroupConvAffinity,
+                             KeyOnlyAttention, RelativeSelfAttention2d, SelfAttentionAffinity, TokenMlpAffinity)
+
+LAYER_NORM_EPS = 1e-5  # documented choice in affinity/attention.py: LayerNorm over keys, no affine, eps 1e-5
+
+
+# ------------------------------------------------------------------ layout and accessors (not operator code)
+
+def tokens(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, N, C) with n = y·W + x, float64; (B, N, C) is returned as float64."""
+    if x.ndim == 4:
+        b, c, h, w = x.shape
+        return torch.einsum("bchw->bhwc", x).reshape(b, h * w, c).double()
+    return x.double()
+
+
+def like(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """(B, N, C) back to the layout of ``shape``."""
+    if len(shape) == 4:
+        b, c, h, w = shape
+        return torch.einsum("bhwc->bchw", t.reshape(b, h, w, c))
+    return t
+
+
+def head_of_channel(dim: int, heads: int) -> Tensor:
+    """h(c) = c // (C / M) for every channel c."""
+    return torch.arange(dim) // (dim // heads)
+
+
+def per_channel(a: Tensor, dim: int) -> Tensor:
+    """(B, M, N, N) per-head matrices -> (B, C, N, N) per-channel matrices (head h(c) for channel c)."""
+    return a[:, head_of_channel(dim, a.shape[1])]
+
+
+def aggregate(a_channels: Tensor, v_tokens: Tensor) -> Tensor:
+    """o[b, i, c] = Σ_j A_c[i, j] v[b, j, c] (Container Eq. 3 with one matrix per channel)."""
+    b = v_tokens.shape[0]
+    return torch.einsum("bcij,bjc->bic", a_channels.expand(b, -1, -1, -1), v_tokens)
+
+
+def aggregate_pairs(a: Tensor, v_tokens: Tensor) -> Tensor:
+    """Affinity over (position, channel) pairs of G groups, index n·d + c (the contract of
+    ``GroupConvAffinity``/``KeyOnlyAttention``): o[b, n, g·d + c'] = Σ_{i, c} A[g, (n, c'), (i, c)] v[b, i, g·d + c]."""
+    b, n, c = v_tokens.shape
+    g = a.shape[1]
+    d = c // g
+    blocks = a.expand(b, -1, -1, -1).reshape(b, g, n, d, n, d)
+    return torch.einsum("bgxeif,bigf->bxge", blocks, v_tokens.reshape(b, n, g, d)).reshape(b, n, c)
+
+
+def through_matrix(a: Tensor, v: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``A·V + bias`` from an explicit matrix in either contract form, written here (not ``apply_matrix``)."""
+    vt = tokens(v)
+    n, c = vt.shape[1], vt.shape[2]
+    if a.shape[-1] == n:
+        out = aggregate(per_channel(a.double(), c), vt)
+    elif a.shape[-1] == n * c // a.shape[1]:
+        out = aggregate_pairs(a.double(), vt)
+    else:
+        raise AssertionError(f"matrix of shape {tuple(a.shape)} fits neither N={n} nor (N·C/M) of values {tuple(v.shape)}")
+    if bias is not None:
+        out = out + bias.double()
+    return like(out, v.shape)
+
+
+def first(module: nn.Module, *names: str):
+    """The first attribute of ``module`` among ``names`` (tolerates a rename in progress)."""
+    for name in names:
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"{type(module).__name__} has none of {names}")
+
+
+def normaliser_name(op: nn.Module) -> str:
+    return first(op, "normaliser", "norm")
+
+
+# ------------------------------------------------------------------ self-attention and its normalisers
+
+def attention_scores(q: Tensor, k: Tensor, heads: int) -> Tensor:
+    """s[b, m, i, j] = Σ_{e<d} q[b, i, m·d+e] k[b, j, m·d+e] / √d, d = C/M (Container Eq. 4)."""
+    qt, kt = tokens(q), tokens(k)
+    b, n, c = qt.shape
+    d = c // heads
+    s = torch.einsum("bime,bjme->bmij", qt.reshape(b, n, heads, d), kt.reshape(b, kt.shape[1], heads, d))
+    return s / math.sqrt(d)
+
+
+def layer_norm_keys(s: Tensor) -> Tensor:
+    """(s − mean_j) / √(var_j + eps) over the key axis j, biased variance, no affine."""
+    mean = s.sum(-1, keepdim=True) / s.shape[-1]
+    var = ((s - mean) ** 2).sum(-1, keepdim=True) / s.shape[-1]
+    return (s - mean) / torch.sqrt(var + LAYER_NORM_EPS)
+
+
+def normalise(s: Tensor, name: str) -> Tensor:
+    """The §4.2 normalisers of "ViT are Dynamic Convolutions" (Table 2) on scaled scores over the key axis.
+
+    Documented choices (affinity/attention.py): ``scale`` divides by N_k; the ReLU and LayerNorm variants
+    use the same constant 1/N_k; LayerNorm is over keys without affine parameters."""
+    n_keys = s.shape[-1]
+    if name == "softmax":  # exp(x_j) / Σ_j' exp(x_j'), temperature folded into the 1/√d of the scores
+        e = torch.exp(s - s.max(-1, keepdim=True).values)
+        return e / e.sum(-1, keepdim=True)
+    if name == "none":
+        return s
+    if name == "scale":
+        return s / n_keys
+    if name == "scale_relu":
+        return torch.clamp(s, min=0) / n_keys
+    if name == "layernorm":
+        return layer_norm_keys(s) / n_keys
+    if name == "ln_relu":
+        return torch.clamp(layer_norm_keys(s), min=0) / n_keys
+    raise AssertionError(f"no reference for normaliser {name!r}")
+
+
+def sa_matrix(op: SelfAttentionAffinity, v_shape, q: Tensor, k: Tensor, attn_bias: Optional[Tensor] = None) -> Tensor:
+    """A_m = norm(Q_m K_mᵀ / √(C/M) [+ bias_m]) (Container Eq. 4; ViT-as-DynConv §4.2), (B, M, N, N)."""
+    s = attention_scores(q, k, op.heads)
+    if attn_bias is not None:
+        s = s + attn_bias.double()
+    return normalise(s, normaliser_name(op))
+
+
+def sa_forward(op: SelfAttentionAffinity, v: Tensor, q: Tensor, k: Tensor, attn_bias: Optional[Tensor] = None) -> Tensor:
+    """Concat_m(A_m V_m) (Container Eq. 3)."""
+    a = sa_matrix(op, v.shape, q, k, attn_bias)
+    return like(aggregate(per_channel(a, op.dim), tokens(v)), v.shape)
+
+
+# ------------------------------------------------------------------ convolutions (Container Eq. 7, Table 2)
+
+def _padded(v: Tensor, pad: int) -> Tensor:
+    b, c, h, w = v.shape
+    out = v.new_zeros(b, c, h + 2 * pad, w + 2 * pad, dtype=torch.float64)
+    out[:, :, pad:pad + h, pad:pad + w] = v
+    return out
+
+
+def depthwise_kernels(op: DepthwiseConvAffinity) -> Tensor:
+    """(C, k, k): channel c uses head h(c)'s kernel (MH-DW shares kernels inside a head, Container §3.3)."""
+    weight = op.weight.double()
+    return weight.reshape(op.heads, weight.shape[-2], weight.shape[-1])[head_of_channel(op.dim, op.heads)]
+
+
+def depthwise_matrix(op: DepthwiseConvAffinity, v_shape) -> Tensor:
+    """2-D Eq. 7: A_c[(y, x), (y', x')] = Ker_c[y' − y + k//2, x' − x + k//2] inside the kernel, else 0.
+
+    Orientation: cross-correlation (nn.Conv2d's convention, documented in affinity/depthwise.py); zero
+    padding. Returns (1, M, N, N), one matrix per head (the channels of a head share it)."""
+    h, w = v_shape[2], v_shape[3]
+    weight = op.weight.double().reshape(op.heads, op.weight.shape[-2], op.weight.shape[-1])
+    size = weight.shape[-1]
+    a = weight.new_zeros(op.heads, h * w, h * w)
+    for y in range(h):
+        for x in range(w):
+            for ky in range(size):
+                for kx in range(size):
+                    y2, x2 = y + ky - size // 2, x + kx - size // 2
+                    if 0 <= y2 < h and 0 <= x2 < w:
+                        a[:, y * w + x, y2 * w + x2] = weight[:, ky, kx]
+    return a.unsqueeze(0)
+
+
+def depthwise_forward(op: DepthwiseConvAffinity, v: Tensor) -> Tensor:
+    """o[b, c, y, x] = Σ_{ky, kx} Ker_c[ky, kx] v[b, c, y + ky − k//2, x + kx − k//2] + bias_c."""
+    kernels = depthwise_kernels(op)
+    size = kernels.shape[-1]
+    vp = _padded(v, size // 2)
+    h, w = v.shape[2], v.shape[3]
+    out = torch.zeros(v.shape, dtype=torch.float64)
+    for ky in range(size):
+        for kx in range(size):
+            out = out + kernels[None, :, ky, kx, None, None] * vp[:, :, ky:ky + h, kx:kx + w]
+    return out + (0 if op.bias is None else op.bias.double().view(1, -1, 1, 1))
+
+
+def group_conv_forward(weight: Tensor, bias: Optional[Tensor], groups: int, v: Tensor) -> Tensor:
+    """o[b, o, y, x] = Σ_{e<d} Σ_{ky, kx} W[o, e, ky, kx] v[b, g(o)·d + e, y + ky − k//2, x + kx − k//2] + b_o."""
+    weight = weight.double()
+    size = weight.shape[-1]
+    c_out, d = weight.shape[0], weight.shape[1]
+    out_per = c_out // groups
+    vp = _padded(v, size // 2)
+    b, _, h, w = v.shape
+    out = torch.zeros(b, c_out, h, w, dtype=torch.float64)
+    for g in range(groups):
+        rows, cols = slice(g * out_per, (g + 1) * out_per), slice(g * d, (g + 1) * d)
+        for ky in range(size):
+            for kx in range(size):
+                out[:, rows] += torch.einsum("oe,behw->bohw", weight[rows, :, ky, kx], vp[:, cols, ky:ky + h, kx:kx + w])
+    return out + (0 if bias is None else bias.double().view(1, -1, 1, 1))
+
+
+def group_conv_matrix(op: GroupConvAffinity, v_shape) -> Tensor:
+    """(1, G, N·d, N·d), index n·d + c: M[g, (n, o), (n', e)] = W[g·d + o, e, ky, kx] where n' = n + (ky, kx) − k//2."""
+    weight = op.conv.weight.double()
+    size, groups = weight.shape[-1], op.heads
+    d = weight.shape[1]
+    h, w = v_shape[2], v_shape[3]
+    n = h * w
+    m = weight.new_zeros(groups, n, d, n, d)
+    for y in range(h):
+        for x in range(w):
+            for ky in range(size):
+                for kx in range(size):
+                    y2, x2 = y + ky - size // 2, x + kx - size // 2
+                    if 0 <= y2 < h and 0 <= x2 < w:
+                        m[:, y * w + x, :, y2 * w + x2, :] = weight[:, :, ky, kx].reshape(groups, d, d)
+    return m.reshape(1, groups, n * d, n * d)
+
+
+# ------------------------------------------------------------------ token MLP (Container Eq. 8)
+
+def token_mlp_matrix(op: TokenMlpAffinity, v_shape=None) -> Tensor:
+    """A_m = W_m (dense, Eq. 8 with A = W_MLPᵀ stored directly) or A_m[i, j] = Σ_r U_m[i, r] V_m[r, j] (low rank)."""
+    if op.rank is None:
+        return op.weight.double().unsqueeze(0)
+    u, vt = op.u.double(), op.vt.double()
+    return torch.einsum("mir,mrj->mij", u, vt).unsqueeze(0)
+
+
+def token_mlp_forward(op: TokenMlpAffinity, v: Tensor) -> Tensor:
+    """o[b, i, c] = Σ_j A_{h(c)}[i, j] v[b, j, c] (Container Eq. 3 with the Eq. 8 matrices; no bias)."""
+    vt = tokens(v)
+    out = torch.zeros_like(vt)
+    a = token_mlp_matrix(op)[0]
+    heads_of = head_of_channel(op.dim, op.heads)
+    for c in range(op.dim):
+        out[:, :, c] = torch.einsum("ij,bj->bi", a[heads_of[c]], vt[:, :, c])
+    return like(out, v.shape)
+
+
+# ------------------------------------------------------------------ key-only attention (LinGlos Eq. 2-4)
+
+def key_only_saliency(op: KeyOnlyAttention, k: Tensor) -> Tensor:
+    """A_h[i] = exp(z_i) / Σ_i' exp(z_i'), z_i = Σ_{e<d} K[i, h·d+e] W_sal[h, e] / √d (Eq. 2), (B, M, N).
+
+    Documented choice (affinity/key_only.py): √d uses the head dimension d = C/M."""
+    kt = tokens(k)
+    b, n, c = kt.shape
+    d = c // op.heads
+    z = torch.einsum("bihe,he->bhi", kt.reshape(b, n, op.heads, d), op.saliency.double()) / math.sqrt(d)
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    return e / e.sum(-1, keepdim=True)
+
+
+def key_only_forward(op: KeyOnlyAttention, v: Tensor, q: Tensor, k: Optional[Tensor] = None) -> Tensor:
+    """Z[n, c'] = Σ_c (G[c] · q[n, c]) U1[c', c] + b1[c'] + v[n, c'], G[c] = Σ_i A_h(c)[i] v[i, c] (Eq. 3-4).
+
+    Roles (documented in KeyOnlyAttention), positional in the (v, q, k) slots: v = ``aggregated`` (the paper's K),
+    q = ``gate`` (the paper's V), k = ``saliency_input`` (the paper's K in Eq. 2, defaults to v)."""
+    k = v if k is None else k
+    a = key_only_saliency(op, k)[:, head_of_channel(op.dim, op.heads)]  # (B, C, N)
+    vt, qt = tokens(v), tokens(q)
+    g = torch.einsum("bci,bic->bc", a, vt)
+    z = torch.einsum("bc,bnc,dc->bnd", g, qt, op.u1.weight.double()) + op.u1.bias.double() + vt
+    return like(z, v.shape)
+
+
+def key_only_matrix(op: KeyOnlyAttention, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """M[(n, c'), (i, c)] = A_h(c)[i] · q[n, c] · U1[c', c] + δ_ni δ_cc' (the decomposition in the docstring)."""
+    a = key_only_saliency(op, k)[:, head_of_channel(op.dim, op.heads)]
+    qt = tokens(q)
+    b, n, c = qt.shape
+    m = torch.einsum("bci,bnc,dc->bndic", a, qt, op.u1.weight.double()).reshape(b, n * c, n * c)
+    return (m + torch.eye(n * c, dtype=torch.float64)).unsqueeze(1)
+
+
+# ------------------------------------------------------------------ depth-wise self-attention (ViT-as-DynConv Eq. 5)
+
+def dw_sa_matrix(op: DepthwiseSelfAttention, v_shape, q: Tensor, k=None, attn_bias: Optional[Tensor] = None,
+                 select: Optional[Tensor] = None) -> Tensor:
+    """A_c[i, j] = q_i[c] · s_ij / Σ_j' s_ij' + p_{h(c)}[i, j] · s_ij (Eq. 5, o_i = q_i ⊙ k̄_i + p_i k), (B, C, N, N).
+
+    Documented choices (affinity/dw_attention.py): p covers the last N_b tokens (class tokens get none);
+    with a selection, p is zeroed outside it; an empty selection row divides by 1."""
+    qt = tokens(q)
+    b, n, c = qt.shape
+    s = torch.ones(1, n, n, dtype=torch.float64) if select is None else select[:, 0].double()
+    weights = s / torch.clamp(s.sum(-1, keepdim=True), min=1)
+    a = torch.einsum("bic,bij->bcij", qt, weights.expand(b, -1, -1))
+    if attn_bias is not None:
+        nb, off = attn_bias.shape[-1], n - attn_bias.shape[-1]
+        p = attn_bias.double()[:, head_of_channel(c, attn_bias.shape[1])]  # (B or 1, C, Nb, Nb)
+        p = p * s[:, None, off:, off:]
+        a = a.clone()
+        a[:, :, off:, off:] = a[:, :, off:, off:] + p
+    return a
+
+
+def dw_sa_forward(op: DepthwiseSelfAttention, v: Tensor, q: Tensor, k=None, attn_bias=None, select=None) -> Tensor:
+    """o_i[c] = q_i[c] · k̄_i[c] + Σ_j p̃_{h(c)}[i, j] k_j[c], k̄_i = mean of the keys selected by i (Eq. 5);
+    ``v`` holds the keys (the value bank is discarded, §4.3)."""
+    kt, qt = tokens(v), tokens(q)
+    b, n, c = kt.shape
+    if select is not None and select.shape[:2] != (1, 1):
+        raise AssertionError("the dw_sa reference takes one (1, 1, N, N) selection shared by the batch")
+    out = torch.zeros_like(kt)
+    for i in range(n):
+        chosen = [j for j in range(n) if select is None or select[0, 0, i, j]]
+        k_bar = kt[:, chosen].sum(1) / max(1, len(chosen))
+        out[:, i] = qt[:, i] * k_bar
+    if attn_bias is not None:
+        nb, off = attn_bias.shape[-1], n - attn_bias.shape[-1]
+        heads_of = head_of_channel(c, attn_bias.shape[1])
+        for i in range(nb):
+            for j in range(nb):
+                if select is not None and not select[0, 0, off + i, off + j]:
+                    continue
+                out[:, off + i] += attn_bias.double()[:, heads_of, i, j].expand(b, c) * kt[:, off + j]
+    return like(out, v.shape)
+
+
+# ------------------------------------------------------------------ LESA binary term (lesa.txt Eq. 1-3, 5)
+
+def _relative_vectors(table: nn.Module, grid: Sequence[int], height: int, width: int, sign: int) -> Tensor:
+    """R[:, i, j] = r_{sign·(p_j − p_i)}, offsets clipped to the table's grid (Shaw et al.), (c, N, N).
+
+    ``full``: one vector per 2-D offset, column (dy + H−1)·(2W−1) + (dx + W−1); ``factorized``: r_dy + r_dx."""
+    max_dy, max_dx = grid[0] - 1, grid[1] - 1
+    n = height * width
+    channels = (table.table if table.kind == "full" else table.height).shape[0]
+    out = torch.zeros(channels, n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            dy = max(-max_dy, min(max_dy, sign * (j // width - i // width)))
+            dx = max(-max_dx, min(max_dx, sign * (j % width - i % width)))
+            if table.kind == "full":
+                out[:, i, j] = table.table[:, (dy + max_dy) * (2 * max_dx + 1) + dx + max_dx].double()
+            else:
+                out[:, i, j] = table.height[:, dy + max_dy].double() + table.width[:, dx + max_dx].double()
+    return out
+
+
+def _batch_norm(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
+    """BN over dim 1 of (B, K, ...): batch statistics (biased) in training, running ones in eval."""
+    dims = [0] + list(range(2, x.ndim))
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    if bn.training or bn.running_var is None:
+        mean = x.mean(dims, keepdim=True)
+        var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    else:
+        mean, var = bn.running_mean.double().view(shape), bn.running_var.double().view(shape)
+    out = (x - mean) / torch.sqrt(var + bn.eps)
+    return out * bn.weight.double().view(shape) + bn.bias.double().view(shape) if bn.affine else out
+
+
+def relative_attention_matrix(op: RelativeSelfAttention2d, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """S(z)_ij = exp(z_ij) / Σ_j exp(z_ij) (Eq. 3) with z_ij = q_i·k_j + q_i·r^q_{p_j−p_i} + k_j·r^k_{p_i−p_j}
+    (Eq. 1, plus the key term of [51]); with the logit BN each term is batch-normalised per head (Axial-DeepLab
+    [51]) and unscaled, else the sum is scaled by 1/√d (Bello). ``drop_diagonal``: S_ii set to 0 (Eq. 2)."""
+    height, width = q.shape[-2], q.shape[-1]
+    qt, kt = tokens(q), tokens(k)
+    b, n, c = qt.shape
+    m = op.heads
+    d = c // m
+    qh, kh = qt.reshape(b, n, m, d), kt.reshape(b, n, m, d)
+    terms = [torch.einsum("bime,bjme->bmij", qh, kh),
+             torch.einsum("bime,eij->bmij", qh, _relative_vectors(op.rel_q, op.grid, height, width, +1))]
+    if op.rel_k is not None:
+        terms.append(torch.einsum("bjme,eij->bmij", kh, _relative_vectors(op.rel_k, op.grid, height, width, -1)))
+    if op.logit_norm is None:
+        z = sum(terms) / math.sqrt(d)
+    else:
+        z = _batch_norm(torch.cat(terms, 1), op.logit_norm).reshape(b, len(terms), m, n, n).sum(1)
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    a = e / e.sum(-1, keepdim=True)
+    if op.drop_diagonal:
+        a = a * (1 - torch.eye(n, dtype=torch.float64))
+    return a
+
+
+def relative_attention_forward(op: RelativeSelfAttention2d, v: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """x_i = Σ_j S_ij v_j per head (lesa.txt Eq. 1)."""
+    a = relative_attention_matrix(op, v.shape, q, k)
+    return like(aggregate(per_channel(a, op.dim), tokens(v)), v.shape)
+
+
+def _conv1x1(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    out = torch.einsum("oc,bchw->bohw", conv.weight.double()[:, :, 0, 0], x.double())
+    return out if conv.bias is None else out + conv.bias.double().view(1, -1, 1, 1)
+
+
+def lesa_forward(layer: nn.Module, x: Tensor) -> Tensor:
+    """LESA (lesa.txt Eq. 5-7): x⁺ = m + ω ⊙ BN(Σ_j S_ij v_j), m = BN(x W_g^k W_1^1) (Eq. 6),
+    ω = sigmoid(F(m ‖ binary)) (Eq. 7), F = ReLU→fc1→BN→ReLU→fc2→BN on the BN'd terms (§3.3, as documented)."""
+    qkv = _batch_norm(_conv1x1(x, layer.qkv), layer.qkv_norm)
+    att = layer.attention
+    q, k, v = qkv[:, :att.qk_dim], qkv[:, att.qk_dim:2 * att.qk_dim], qkv[:, 2 * att.qk_dim:]
+    binary = _batch_norm(relative_attention_forward(att, v, q, k), layer.binary_norm)
+    if layer.unary is None:
+        return binary
+    grouped, point, unary_bn = layer.unary
+    unary = _batch_norm(_conv1x1(group_conv_forward(grouped.weight, grouped.bias, grouped.groups, x), point), unary_bn)
+    if layer.fusion is None:
+        return unary + binary
+    _, fc1, bn1, _, fc2, bn2 = layer.fusion
+    hidden = torch.clamp(_batch_norm(_conv1x1(torch.clamp(torch.cat([unary, binary], 1), min=0), fc1), bn1), min=0)
+    omega = torch.sigmoid(_batch_norm(_conv1x1(hidden, fc2), bn2))
+    return unary + omega * binary
+
+
+def attention_augmented_forward(aa: nn.Module, x: Tensor) -> Tensor:
+    """Bello et al. 2019 (lesa.txt Table 6 "AA"): concat(conv3×3(x), W_o · MHA(q, k, v)) with 1×1 q, k, v."""
+    qkv = _conv1x1(x, aa.qkv)
+    q, k, v = qkv[:, :aa.key_dim], qkv[:, aa.key_dim:2 * aa.key_dim], qkv[:, 2 * aa.key_dim:]
+    attended = relative_attention_forward(aa.attention, v, q, k)
+    return torch.cat([group_conv_forward(aa.conv.weight, aa.conv.bias, 1, x), _conv1x1(attended, aa.proj)], 1)
+
+
+# ------------------------------------------------------------------ the mixture (Container Eq. 9)
+
+def mixture_gates(op: AffinityMixture) -> tuple[Tensor, Tensor]:
+    """convex: α = 1 / (1 + exp(−w)), β = 1 − α (official release); free: α, β as learned (Eq. 9)."""
+    if op.gate == "convex":
+        alpha = 1 / (1 + torch.exp(-op.gate_logit.double()))
+        return alpha, 1 - alpha
+    return op.alpha.double(), op.beta.double()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An operator's independent reference: forward(op, v, q, k) and matrix(op, v_shape, q, k) in the
+    operator's contract shape, plus channel_matrix(op, v_shape, q, k) (B or 1, C, N, N) for spatial ones."""
+    forward: Callable
+    matrix: Callable
+    bias: Callable = lambda op: None
+    channel_matrix: Optional[Callable] = None
+
+
+def _channels_of(matrix_fn):
+    return lambda op, v_shape, q=None, k=None: per_channel(matrix_fn(op, v_shape, q, k), op.dim)
+
+
+def _mixture_channels(op: AffinityMixture, v_shape, q=None, k=None) -> Tensor:
+    alpha, beta = mixture_gates(op)
+    parts = []
+    for part, inputs in ((op.dynamic_affinity, (q, k)), (op.static_affinity, (None, None))):
+        ref = reference_for(part)
+        if ref.channel_matrix is None:
+            raise AssertionError(f"the mixture reference needs a spatial (N×N) part, got {type(part).__name__}")
+        parts.append(ref.channel_matrix(part, v_shape, *inputs))
+    return alpha * parts[0] + beta * parts[1]
+
+
+def _mixture_bias(op: AffinityMixture) -> Optional[Tensor]:
+    alpha, beta = mixture_gates(op)
+    biases = [(w, reference_for(p).bias(p)) for w, p in ((alpha, op.dynamic_affinity), (beta, op.static_affinity))]
+    terms = [w * b.double() for w, b in biases if b is not None]
+    return sum(terms) if terms else None
+
+
+def _mixture_forward(op: AffinityMixture, v, q=None, k=None) -> Tensor:
+    out = like(aggregate(_mixture_channels(op, v.shape, q, k), tokens(v)), v.shape)
+    bias = _mixture_bias(op)
+    return out if bias is None else out + (bias.view(1, -1, 1, 1) if v.ndim == 4 else bias)
+
+
+def _mixture_matrix(op: AffinityMixture, v_shape, q=None, k=None) -> Tensor:
+    """α·A_dyn + β·A_static at the operator's head grouping: the first channel of each of its heads."""
+    return _mixture_channels(op, v_shape, q, k)[:, ::op.dim // op.heads]
+
+
+_SA = Reference(lambda op, v, q=None, k=None: sa_forward(op, v, q, k),
+                lambda op, v_shape, q=None, k=None: sa_matrix(op, v_shape, q, k))
+_DW = Reference(lambda op, v, q=None, k=None: depthwise_forward(op, v),
+                lambda op, v_shape, q=None, k=None: depthwise_matrix(op, v_shape), bias=lambda op: op.bias)
+_MLP = Reference(lambda op, v, q=None, k=None: token_mlp_forward(op, v),
+                 lambda op, v_shape, q=None, k=None: token_mlp_matrix(op, v_shape))
+REFERENCES: dict[type, Reference] = {
+    SelfAttentionAffinity: Reference(_SA.forward, _SA.matrix, channel_matrix=_channels_of(_SA.matrix)),
+    DepthwiseConvAffinity: Reference(_DW.forward, _DW.matrix, _DW.bias, _channels_of(_DW.matrix)),
+    TokenMlpAffinity: Reference(_MLP.forward, _MLP.matrix, channel_matrix=_channels_of(_MLP.matrix)),
+    GroupConvAffinity: Reference(
+        lambda op, v, q=None, k=None: group_conv_forward(op.conv.weight, op.conv.bias, op.heads, v),
+        lambda op, v_shape, q=None, k=None: group_conv_matrix(op, v_shape), bias=lambda op: op.conv.bias),
+    KeyOnlyAttention: Reference(key_only_forward, key_only_matrix, bias=lambda op: op.u1.bias),
+    DepthwiseSelfAttention: Reference(lambda op, v, q=None, k=None: dw_sa_forward(op, v, q),
+                                      lambda op, v_shape, q=None, k=None: dw_sa_matrix(op, v_shape, q),
+                                      channel_matrix=lambda op, v_shape, q=None, k=None: dw_sa_matrix(op, v_shape, q)),
+    AffinityMixture: Reference(_mixture_forward, _mixture_matrix, _mixture_bias, _mixture_channels),
+    RelativeSelfAttention2d: Reference(relative_attention_forward, relative_attention_matrix,
+                                       channel_matrix=_channels_of(relative_attention_matrix)),
+}
+
+
+def reference_for(op: nn.Module) -> Reference:
+    """The independent reference of ``op``'s class; a clear failure for a class that has none."""
+    ref = REFERENCES.get(type(op))
+    if ref is None:
+        raise AssertionError(
+            f"no independent reference for {type(op).__module__}.{type(op).__name__}: write one from the paper's "
+            "equation in tests/references.py (explicit loops/einsum, float64, parameters only) and add it to REFERENCES")
+    return ref
