@@ -25,17 +25,14 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .complexity import SDPA_FLOP_FORMULAS, model_device
+
 __all__ = ["count_activations", "ActivationCounter"]
 
 _aten = torch.ops.aten
 _MATMUL_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
                _aten.convolution.default}
-_SDPA_OPS = {
-    getattr(_aten, name).default for name in (
-        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    ) if hasattr(_aten, name)
-}
+_SDPA_OPS = {packet.default for packet in SDPA_FLOP_FORMULAS}  # every fused SDPA kernel, whichever torch picks
 
 
 class ActivationCounter(TorchDispatchMode):
@@ -69,7 +66,8 @@ def count_activations(model: nn.Module, input_size: Sequence[int] = (3, 224, 224
     """Activations (millions) of one forward pass of one image, by the rule in this module's docstring.
 
     ``include_head=False`` (the default, as the paper's numbers require) skips the module returned by
-    ``model.get_classifier()`` when the model has one.
+    ``model.get_classifier()`` when the model has one. The input is made on the model's device, so a model
+    built on ``meta`` (:func:`ctxagg.bench.complexity.meta_model`) is counted without allocating anything.
     """
     counter = ActivationCounter()
     handles = []
@@ -81,7 +79,7 @@ def count_activations(model: nn.Module, input_size: Sequence[int] = (3, 224, 224
     model.eval()
     try:
         with counter:
-            model(torch.zeros(1, *input_size))
+            model(torch.zeros(1, *input_size, device=model_device(model)))
     finally:
         model.train(was_training)
         for handle in handles:

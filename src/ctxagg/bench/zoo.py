@@ -3,26 +3,19 @@ numbers (`ctxagg models`)."""
 from __future__ import annotations
 
 import fnmatch
-import importlib
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import timm
 from timm.models._registry import model_entrypoint
 from timm.utils.model import reparameterize_model
 import torch
+from torch import nn
 
 from ..models import model_names, paper_numbers
-from .complexity import count_gmacs, count_params
+from .activations import count_activations
+from .complexity import count_gmacs, count_params, meta_model
 
-__all__ = ["model_rows", "format_table", "activation_counter"]
-
-
-def activation_counter() -> Optional[Callable[..., float]]:
-    """``ctxagg.bench.activations.count_activations`` if that module is installed, else None."""
-    try:
-        return importlib.import_module("ctxagg.bench.activations").count_activations
-    except (ImportError, AttributeError):
-        return None
+__all__ = ["model_rows", "format_table"]
 
 
 def _gap(measured: Optional[float], paper: Optional[float]) -> Optional[float]:
@@ -35,25 +28,24 @@ def model_rows(patterns: Iterable[str] = ("*",), flops: bool = True, img_size: i
                activations: bool = True, throughput: bool = False, throughput_batch: int = 1,
                repeats: int = 3) -> list[dict[str, Any]]:
     """One row per registered model matching any glob in ``patterns``. With ``flops`` each model runs one
-    forward pass at ``img_size`` (that is how its MACs are measured) and, with ``activations`` and when
-    :mod:`ctxagg.bench.activations` exists, one more to count activations. ``throughput`` measures fp32
-    images/s at ``throughput_batch`` on this machine (median of ``repeats`` passes after one warm-up; slow)."""
+    forward pass at ``img_size`` (that is how its MACs are measured) and, with ``activations``, one more to
+    count activations (:func:`ctxagg.bench.activations.count_activations`); both run on the ``meta`` device
+    when the model can be built there. ``throughput`` measures fp32 images/s at ``throughput_batch`` on this
+    machine (median of ``repeats`` passes after one warm-up; slow)."""
     from .throughput import benchmark
 
     papers = paper_numbers()
-    count_acts = activation_counter() if (flops and activations) else None
     rows = []
     for name in model_names():
         if not any(fnmatch.fnmatch(name, p) for p in patterns):
             continue
-        torch.manual_seed(0)
-        model = timm.create_model(name).eval()
         paper = papers.get(name, {})
+        model = _build(name, real=throughput or bool(paper.get("params_deployed")))
         params = count_params(model) / 1e6
         if paper.get("params_deployed"):  # the paper counts the re-parameterised (deploy-time) model
             params = count_params(reparameterize_model(model, inplace=False)) / 1e6
         gmacs = count_gmacs(model, (3, img_size, img_size)) if flops else None
-        acts = count_acts(model, (3, img_size, img_size)) if count_acts else None
+        acts = count_activations(model, (3, img_size, img_size)) if (flops and activations) else None
         speed = None
         if throughput:
             speed = benchmark(model, throughput_batch, img_size, warmup=1, repeats=repeats, memory=False)["throughput"]
@@ -67,6 +59,18 @@ def model_rows(patterns: Iterable[str] = ("*",), flops: bool = True, img_size: i
         ))
         del model
     return rows
+
+
+def _build(name: str, real: bool) -> nn.Module:
+    """The model in eval mode: on ``meta`` (shapes only) unless ``real`` is asked for or its constructor reads
+    tensor values (e.g. ``linspace(...).tolist()`` for drop-path rates); else on the CPU, seed 0."""
+    if not real:
+        try:
+            return meta_model(name)
+        except (NotImplementedError, RuntimeError):  # "Cannot copy out of meta tensor": meta has no data
+            pass
+    torch.manual_seed(0)
+    return timm.create_model(name).eval()
 
 
 def _family(name: str) -> str:
