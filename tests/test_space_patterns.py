@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ctxagg.affinity import build_affinity
+from ctxagg.affinity.neighbourhood import NeighbourhoodAttention
 from ctxagg.affinity.window import WindowAttention
 from ctxagg.bench import largest_intermediate
 
@@ -124,7 +125,7 @@ def test_window_known_answer_padding_does_not_leak():
 def test_window_gradients_flow_to_inputs_and_bias():
     aff = _randomise(WindowAttention(4, 2, window=2, shift=1).double())
     v, q, k = (t.requires_grad_() for t in _qkv((1, 4, 3, 5)))
-    assert torch.autograd.gradcheck(lambda a, b, c: aff(a, b, c), (v, q, k))
+    assert torch.autograd.gradcheck(lambda a, b, c: aff(a, b, c), (v, q, k), fast_mode=True)
     aff(v, q, k).square().sum().backward()
     assert aff.rel_table.grad.abs().sum() > 0
 
@@ -138,9 +139,88 @@ def test_window_bad_arguments_are_refused():
         WindowAttention(8, 2)(torch.randn(1, 16, 8), torch.randn(1, 16, 8), torch.randn(1, 16, 8))
 
 
+# ---------------------------------------------------------------- neighbourhood attention (SASA Eq. 3)
+
+def sasa_reference(v, q, k, kernel, heads, rel_rows=None, rel_cols=None):
+    """SASA Eq. 3 with loops: for pixel (i, j), softmax over in-image (a, b) with |a−i|, |b−j| <= k//2 of
+    q_ijᵀk_ab + q_ij[:d/2]ᵀ r_row[a−i] + q_ij[d/2:]ᵀ r_col[b−j], then the weighted sum of v_ab."""
+    b, c, h, w = v.shape
+    d, r = c // heads, kernel // 2
+    out = torch.zeros_like(v)
+    for bi in range(b):
+        for m in range(heads):
+            ch = slice(m * d, (m + 1) * d)
+            for i in range(h):
+                for j in range(w):
+                    qv = q[bi, ch, i, j]
+                    cells = [(a, bb) for a in range(i - r, i + r + 1) for bb in range(j - r, j + r + 1)
+                             if 0 <= a < h and 0 <= bb < w]
+                    logits = []
+                    for a, bb in cells:
+                        logit = float(qv @ k[bi, ch, a, bb])
+                        if rel_rows is not None:
+                            logit += float(qv[: d // 2] @ rel_rows[m, a - i + r])
+                            logit += float(qv[d // 2:] @ rel_cols[m, bb - j + r])
+                        logits.append(logit)
+                    for wgt, (a, bb) in zip(_softmax_row(logits), cells):
+                        out[bi, ch, i, j] += wgt * v[bi, ch, a, bb]
+    return out
+
+
+@pytest.mark.parametrize("grid", [(5, 7), (2, 6), (4, 4)])
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_neighbourhood_attention_matches_sasa_loops_and_matrix(grid, kernel):
+    aff = _randomise(build_affinity(f"neighbourhood{kernel}", dim=DIM, heads=HEADS).double())
+    assert isinstance(aff, NeighbourhoodAttention) and aff.kernel_size == kernel
+    v, q, k = _qkv((2, DIM, *grid))
+    out = aff(v, q, k)
+    assert out.shape == v.shape
+    ref = sasa_reference(v, q, k, kernel, HEADS, aff.rel_rows.detach(), aff.rel_cols.detach())
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aff.reference(v, q, k), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_neighbourhood_matrix_is_banded():
+    aff = NeighbourhoodAttention(DIM, HEADS, kernel_size=3).double()
+    v, q, k = _qkv((1, DIM, 5, 7))
+    a = aff.matrix(v.shape, q, k)
+    ys, xs = torch.arange(35) // 7, torch.arange(35) % 7
+    band = ((ys[:, None] - ys[None]).abs() <= 1) & ((xs[:, None] - xs[None]).abs() <= 1)
+    assert (a[..., ~band] == 0).all() and (a[..., band] > 0).all()
+    assert int(band[0].sum()) == 4 and int(band[8].sum()) == 9  # corner sees 2×2, interior 3×3
+
+
+def test_neighbourhood_known_answer_border_is_cut_not_zero_padded():
+    aff = NeighbourhoodAttention(2, 1, kernel_size=3, rel_pos=False).double()
+    v = torch.tensor([[[[1.0, 2.0, 3.0]], [[0.0, 6.0, 0.0]]]], dtype=torch.float64)
+    zeros = torch.zeros_like(v)
+    torch.testing.assert_close(aff(v, zeros, zeros)[0, :, 0],
+                               torch.tensor([[1.5, 2.0, 2.5], [3.0, 2.0, 3.0]], dtype=torch.float64))
+    with_rel = NeighbourhoodAttention(2, 1, kernel_size=3).double()
+    with torch.no_grad():
+        with_rel.rel_rows.zero_()
+        with_rel.rel_cols.copy_(torch.tensor([[[0.0], [0.0], [math.log(3.0)]]]))  # column offset +1 gets e^{q·r}
+    q = torch.tensor([[[[0.0, 0.0, 0.0]], [[1.0, 1.0, 1.0]]]], dtype=torch.float64)  # q's column half = 1
+    # x=0: keys x=0,1 weights 1:3 -> (1 + 3·2)/4 = 1.75; x=1: 1:1:3 -> (1+2+9)/5 = 2.4; x=2: 1:1 -> 2.5
+    torch.testing.assert_close(with_rel(v, q, torch.zeros_like(v))[0, 0, 0],
+                               torch.tensor([1.75, 2.4, 2.5], dtype=torch.float64))
+
+
+def test_neighbourhood_gradients_and_bad_arguments():
+    aff = _randomise(NeighbourhoodAttention(4, 2, kernel_size=3).double())
+    v, q, k = (t.requires_grad_() for t in _qkv((1, 4, 3, 4)))
+    assert torch.autograd.gradcheck(lambda a, b, c: aff(a, b, c), (v, q, k), fast_mode=True)
+    aff(v, q, k).square().sum().backward()
+    assert aff.rel_rows.grad.abs().sum() > 0 and aff.rel_cols.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="odd"):
+        NeighbourhoodAttention(8, 2, kernel_size=4)
+    with pytest.raises(ValueError, match="must be even"):
+        NeighbourhoodAttention(6, 2, kernel_size=3)
+
+
 # ---------------------------------------------------------------- never N×N in forward
 
-@pytest.mark.parametrize("spec", ["window7", "shifted_window7"])
+@pytest.mark.parametrize("spec", ["window7", "shifted_window7", "neighbourhood5"])
 def test_sparse_patterns_never_materialise_n_by_n(spec):
     grid, dim = (64, 64), 16  # N = 4096, N² = 16.8M elements
     torch.manual_seed(0)
