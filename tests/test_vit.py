@@ -8,13 +8,20 @@ import torch
 from torch import nn
 from torch.autograd import gradcheck
 
-import ctxagg.models.vit  # noqa: F401  (registers the DeiT and Swin rows)
+import ctxagg.models.swin  # noqa: F401  (registers the Swin rows)
+import ctxagg.models.vit  # noqa: F401  (registers the DeiT rows)
 from ctxagg.affinity.base import apply_matrix
 from ctxagg.affinity.dw_attention import DepthwiseSelfAttention
 from ctxagg.bench import count_gmacs, count_params
 from ctxagg.bench.activations import count_activations
-from ctxagg.models.swin import SWIN_VARIANTS, WindowAffinityAttention
-from ctxagg.models.vit import PAPER_NUMBERS, VIT_VARIANTS, RelativePositionBias, RelPosSelfAttention
+from ctxagg.layers.pos_embed_rel import RelativePositionBias
+from ctxagg.models import swin, vit
+from ctxagg.models.swin import WindowAffinityAttention
+from ctxagg.models.vit import RelPosSelfAttention
+
+VIT_VARIANTS = timm.list_models(module="vit")  # every registered DeiT row
+SWIN_VARIANTS = timm.list_models(module="swin")  # every registered Swin row
+PAPER_NUMBERS = {**vit.PAPER_NUMBERS, **swin.PAPER_NUMBERS}
 
 NAMES = list(VIT_VARIANTS) + list(SWIN_VARIANTS)
 TABLE3 = [n for n in NAMES if "params" in PAPER_NUMBERS[n]]
@@ -196,7 +203,7 @@ def test_relative_position_attention_matrix_equals_forward(norm):
     """Including the linear-time Q(KᵀV) + P·V path of the linear normalisers (Eq. 4)."""
     q, k, bias, _ = _dw_inputs()
     v = torch.randn_like(k)
-    aff = RelPosSelfAttention(6, 3, norm=norm).eval()
+    aff = RelPosSelfAttention(6, 3, normaliser=norm).eval()
     a = aff.matrix(v.shape, q, k, attn_bias=bias)
     torch.testing.assert_close(aff(v, q, k, attn_bias=bias), apply_matrix(a, v))
     torch.testing.assert_close(a[..., 0, :], aff.matrix(v.shape, q, k)[..., 0, :])  # the class token: no bias

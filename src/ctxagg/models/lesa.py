@@ -18,7 +18,7 @@ from torch import nn
 
 from ..affinity.lesa import AttentionAugmentedConv, LocallyEnhancedSelfAttention
 
-__all__ = ["MixerBottleneck", "LesaResNet", "LESA_VARIANTS", "PAPER_NUMBERS", "MIXERS"]
+__all__ = ["MixerBottleneck", "LesaResNet", "PAPER_NUMBERS", "MIXERS", "small_input_kwargs"]
 
 MIXERS = ("conv", "sa", "static_lesa", "lesa", "aa")
 _LESA_MODE = {"sa": "sa", "static_lesa": "static", "lesa": "lesa"}
@@ -99,69 +99,83 @@ def _cfg(**kwargs: Any) -> dict:
     }
 
 
-# Per variant. Paper-silent choices: the WRN attention uses factorized (height + width) relative tables:
-# Table 2's WRN counts (37.7M, 60.6M) are only reached with them, its R50 counts only with full 2-D tables.
-LESA_VARIANTS: dict[str, dict[str, Any]] = {
-    "resnet50_conv": dict(mixer="conv"),
-    "resnet50_sa": dict(mixer="sa"),
-    "resnet50_aa": dict(mixer="aa"),
-    "resnet50_static_lesa": dict(mixer="static_lesa"),
-    "resnet50_lesa": dict(mixer="lesa"),
-    "wide_resnet50_conv": dict(mixer="conv", base_width=128),
-    "wide_resnet50_sa": dict(mixer="sa", base_width=128, rel_pos="factorized"),
-    "wide_resnet50_lesa": dict(mixer="lesa", base_width=128, rel_pos="factorized"),
-}
+default_cfgs = generate_default_cfgs({
+    "resnet50_conv": _cfg(),
+    "resnet50_sa": _cfg(),
+    "resnet50_aa": _cfg(),
+    "resnet50_static_lesa": _cfg(),
+    "resnet50_lesa": _cfg(),
+    "wide_resnet50_conv": _cfg(),
+    "wide_resnet50_sa": _cfg(),
+    "wide_resnet50_lesa": _cfg(),
+})
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in LESA_VARIANTS})
+
+def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
+    """Model arguments for training at ``img_size``: only ``img_size`` (it sizes the relative-position tables);
+    torchvision's stem is kept, so the stride-1 last stage still leaves a 2×2 map at 32²."""
+    return dict(img_size=img_size)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> LesaResNet:
-    return build_model_with_cfg(LesaResNet, variant, pretrained, **{**LESA_VARIANTS[variant], **kwargs})
+    return build_model_with_cfg(LesaResNet, variant, pretrained, **kwargs)
+
+
+# Paper-silent: the WRN attention uses factorized (height + width) relative tables: Table 2's WRN counts
+# (37.7M, 60.6M) are only reached with them, its R50 counts only with full 2-D tables. WRN-50-2: base_width 128.
 
 
 @register_model
 def resnet50_conv(pretrained: bool = False, **kwargs: Any) -> LesaResNet:
     """ResNet-50 convolution baseline on the LESA stride layout (last stage stride 1; lesa.txt Table 6: 25.56M)."""
-    return _create("resnet50_conv", pretrained, **kwargs)
+    model_args = dict(layers=(3, 4, 6, 3), mixer="conv")
+    return _create("resnet50_conv", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet50_sa(pretrained: bool = False, **kwargs: Any) -> LesaResNet:
     """ResNet-50 with self-attention in stages 3-4 (lesa.txt Tables 1, 2, 6: 18.06M)."""
-    return _create("resnet50_sa", pretrained, **kwargs)
+    model_args = dict(layers=(3, 4, 6, 3), mixer="sa")
+    return _create("resnet50_sa", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet50_aa(pretrained: bool = False, **kwargs: Any) -> LesaResNet:
     """ResNet-50 with Attention Augmentation in stages 3-4 (lesa.txt Table 6: 25.15M)."""
-    return _create("resnet50_aa", pretrained, **kwargs)
+    model_args = dict(layers=(3, 4, 6, 3), mixer="aa")
+    return _create("resnet50_aa", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet50_static_lesa(pretrained: bool = False, **kwargs: Any) -> LesaResNet:
     """ResNet-50 with Static LESA (unary + binary, no fusion) in stages 3-4 (lesa.txt Table 6: 20.43M)."""
-    return _create("resnet50_static_lesa", pretrained, **kwargs)
+    model_args = dict(layers=(3, 4, 6, 3), mixer="static_lesa")
+    return _create("resnet50_static_lesa", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet50_lesa(pretrained: bool = False, **kwargs: Any) -> LesaResNet:
     """ResNet-50 with LESA in stages 3-4 (lesa.txt §3.2-3.3, Tables 2, 6: 23.78M)."""
-    return _create("resnet50_lesa", pretrained, **kwargs)
+    model_args = dict(layers=(3, 4, 6, 3), mixer="lesa")
+    return _create("resnet50_lesa", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wide_resnet50_conv(pretrained: bool = False, **kwargs: Any) -> LesaResNet:
     """WRN-50-2 convolution baseline on the LESA stride layout (lesa.txt Table 2: 68.9M)."""
-    return _create("wide_resnet50_conv", pretrained, **kwargs)
+    model_args = dict(layers=(3, 4, 6, 3), base_width=128, mixer="conv")
+    return _create("wide_resnet50_conv", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wide_resnet50_sa(pretrained: bool = False, **kwargs: Any) -> LesaResNet:
     """WRN-50-2 with self-attention in stages 3-4 (lesa.txt Table 2: 37.7M)."""
-    return _create("wide_resnet50_sa", pretrained, **kwargs)
+    model_args = dict(layers=(3, 4, 6, 3), base_width=128, mixer="sa", rel_pos="factorized")
+    return _create("wide_resnet50_sa", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wide_resnet50_lesa(pretrained: bool = False, **kwargs: Any) -> LesaResNet:
     """WRN-50-2 with LESA in stages 3-4 (lesa.txt Table 2: 60.6M)."""
-    return _create("wide_resnet50_lesa", pretrained, **kwargs)
+    model_args = dict(layers=(3, 4, 6, 3), base_width=128, mixer="lesa", rel_pos="factorized")
+    return _create("wide_resnet50_lesa", pretrained, **dict(model_args, **kwargs))

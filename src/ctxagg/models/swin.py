@@ -9,7 +9,7 @@ Names: ``swin_t``/``swin_b`` (softmax, relative bias), ``swin_t_<norm>_<pos>``, 
 Depth-wise Swin: a query selects the keys of its window — in a shifted window, of its own region (as the
 attention mask does). Unshifted windows average with a mean; shifted ones with a normalised N×N matmul,
 whose (B·windows, 49, C) output the paper's activation counts include (Swin-T 14.112M, Swin-B 30.256M:
-exactly one N·C tensor more per shifted block). Paper targets: :data:`ctxagg.models.vit.PAPER_NUMBERS`.
+exactly one N·C tensor more per shifted block). Paper targets: :data:`PAPER_NUMBERS`.
 """
 from __future__ import annotations
 
@@ -19,16 +19,48 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from ..affinity.attention import ATTENTION_NORMS, SelfAttentionAffinity
 from ..affinity.base import apply_matrix
 from ..affinity.dw_attention import DepthwiseSelfAttention
-from .vit import POSITIONS, RelativePositionBias, register_variants
+from ..layers.pos_embed_rel import POS_EMBED_KINDS, RelativePositionBias
 
-__all__ = ["AffinitySwin", "WindowAffinityAttention", "AbsPosPatchEmbed", "SWIN_VARIANTS", "checkpoint_filter_fn"]
+__all__ = ["AffinitySwin", "WindowAffinityAttention", "AbsPosPatchEmbed", "PAPER_NUMBERS", "checkpoint_filter_fn",
+           "small_input_kwargs"]
+
+# --- the published numbers: GFLOPs (fvcore MACs), parameters (M), activations (M) at 224² -----------------
+# ``unmatched``: measures no consistent construction reproduces, with what this implementation gives and ``note`` why.
+_T3 = dict(source="ViT-as-DynConv Table 3", params_tol=0.01, gflops_tol=0.03, activations_tol=0.05)
+_T2 = dict(source="ViT-as-DynConv Table 2")
+
+
+def _t3(gflops: float, params: float, activations: float, **extra: Any) -> dict[str, Any]:
+    return {"gflops": gflops, "params": params, "activations": activations, **_T3, **extra}
+
+
+PAPER_NUMBERS: dict[str, dict[str, Any]] = {
+    "swin_t": _t3(4.508, 28.288, 17.054),
+    "swin_t_none_rel": dict(_T2),
+    "swin_t_scale_rel": _t3(4.508, 28.288, 17.054),
+    "swin_t_scale_relu_rel": dict(_T2),
+    "swin_t_layernorm_rel": dict(_T2),
+    "swin_t_ln_relu_rel": dict(_T2),
+    "swin_t_softmax_abs": dict(_T2),
+    "swin_t_scale_abs": dict(_T2),
+    "swin_t_scale_relu_abs": dict(_T2),
+    "swin_t_dw": _t3(4.141, 26.850, 14.112, unmatched={"params": 26.127394}, note=(
+        "26.850M is not reachable with the construction that reproduces Swin-B depth-wise exactly (80.777M) "
+        "and both depth-wise activation counts: dropping the value projection from Swin-T gives 26.127M")),
+    "swin_b": _t3(15.467, 87.768, 36.625),
+    "swin_b_scale_rel": _t3(15.468, 87.768, 38.930, unmatched={"activations": 36.625344}, note=(
+        "38.930M exceeds softmax Swin-B (36.625M) by exactly one extra window-attention-sized tensor per "
+        "shifted block (2.305M), while Swin-T scaling equals Swin-T softmax (17.054M): the two rows were "
+        "measured on different code; we count the explicit attention once, as for Swin-T")),
+    "swin_b_dw": _t3(14.192, 80.777, 30.256),
+}
 
 
 def _per_window(mask: Tensor, batch_windows: int) -> Tensor:
@@ -55,7 +87,7 @@ class WindowAffinityAttention(nn.Module):
         self.dim, self.num_heads, self.window_size = dim, num_heads, tuple(to_2tuple(window_size))
         self.depthwise = depthwise
         self.affinity = (DepthwiseSelfAttention(dim, num_heads) if depthwise
-                         else SelfAttentionAffinity(dim, num_heads, norm=attn_norm, attn_drop=attn_drop))
+                         else SelfAttentionAffinity(dim, num_heads, normaliser=attn_norm, attn_drop=attn_drop))
         self.rel_pos = RelativePositionBias(num_heads, self.window_size) if relative else None
         self.qkv = nn.Linear(dim, dim * (2 if depthwise else 3), bias=qkv_bias)  # Eq. 5: no value bank
         self.proj = nn.Linear(dim, dim)
@@ -83,7 +115,7 @@ class WindowAffinityAttention(nn.Module):
             q, k, v = y.chunk(3, dim=-1)
             if keep is None:
                 out = self.affinity(v, q, k, attn_bias=bias)
-            elif self.affinity.norm == "softmax":
+            elif self.affinity.normaliser == "softmax":
                 shift = _per_window(mask, b).to(x.dtype)
                 out = self.affinity(v, q, k, attn_bias=shift if bias is None else bias + shift)
             else:
@@ -122,8 +154,8 @@ class AffinitySwin(SwinTransformer):
     def __init__(self, attn_norm: str = "softmax", depthwise: bool = False, pos: str = "rel", **kwargs: Any):
         if attn_norm not in ATTENTION_NORMS:
             raise ValueError(f"unknown attn_norm {attn_norm!r}; choose one of {ATTENTION_NORMS}")
-        if pos not in POSITIONS:
-            raise ValueError(f"unknown pos {pos!r}; choose one of {POSITIONS}")
+        if pos not in POS_EMBED_KINDS:
+            raise ValueError(f"unknown pos {pos!r}; choose one of {POS_EMBED_KINDS}")
         if pos == "abs":
             kwargs["embed_layer"] = AbsPosPatchEmbed
         super().__init__(**kwargs)
@@ -155,32 +187,6 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     return timm_filter(out, model)  # buffers dropped, old layouts and patch-embed sizes handled by timm
 
 
-_SWIN_BASES: dict[str, dict[str, Any]] = {
-    # Swin-T/B at 224², window 7; stochastic depth 0.2 / 0.5 as Table 4
-    "swin_t": dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                   drop_path_rate=0.2),
-    "swin_b": dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                   drop_path_rate=0.5),
-}
-
-# name -> model arguments: every Swin row of Tables 2 and 3
-SWIN_VARIANTS: dict[str, dict[str, Any]] = {
-    "swin_t": dict(base="swin_t"),
-    "swin_t_none_rel": dict(base="swin_t", attn_norm="none"),
-    "swin_t_scale_rel": dict(base="swin_t", attn_norm="scale"),
-    "swin_t_scale_relu_rel": dict(base="swin_t", attn_norm="scale_relu"),
-    "swin_t_layernorm_rel": dict(base="swin_t", attn_norm="layernorm"),
-    "swin_t_ln_relu_rel": dict(base="swin_t", attn_norm="ln_relu"),
-    "swin_t_softmax_abs": dict(base="swin_t", pos="abs"),
-    "swin_t_scale_abs": dict(base="swin_t", attn_norm="scale", pos="abs"),
-    "swin_t_scale_relu_abs": dict(base="swin_t", attn_norm="scale_relu", pos="abs"),
-    "swin_t_dw": dict(base="swin_t", depthwise=True),
-    "swin_b": dict(base="swin_b"),
-    "swin_b_scale_rel": dict(base="swin_b", attn_norm="scale"),
-    "swin_b_dw": dict(base="swin_b", depthwise=True),
-}
-
-
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
             "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
@@ -188,22 +194,139 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
             "license": "mit", **kwargs}
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in SWIN_VARIANTS})
+default_cfgs = generate_default_cfgs({
+    "swin_t": _cfg(),
+    "swin_t_none_rel": _cfg(),
+    "swin_t_scale_rel": _cfg(),
+    "swin_t_scale_relu_rel": _cfg(),
+    "swin_t_layernorm_rel": _cfg(),
+    "swin_t_ln_relu_rel": _cfg(),
+    "swin_t_softmax_abs": _cfg(),
+    "swin_t_scale_abs": _cfg(),
+    "swin_t_scale_relu_abs": _cfg(),
+    "swin_t_dw": _cfg(),
+    "swin_b": _cfg(),
+    "swin_b_scale_rel": _cfg(),
+    "swin_b_dw": _cfg(),
+})
+
+
+def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
+    """Model arguments for training a Swin row at ``img_size``: at ≤ 64² 2×2 patches and 4×4 windows instead
+    of 4×4 and 7×7 (paper-silent, the paper trains at 224² only). The same for every Swin name."""
+    return dict(img_size=img_size, **(dict(patch_size=2, window_size=4) if img_size <= 64 else {}))
 
 
 def _create_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
-    spec = dict(SWIN_VARIANTS[variant])
-    args = {**_SWIN_BASES[spec.pop("base")], **spec, **kwargs}
-    out_indices = args.pop("out_indices", tuple(range(len(args["depths"]))))
+    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
     return build_model_with_cfg(AffinitySwin, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **args)
+                                feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs)
+
+# Swin-T/B (Liu et al.) at 224², window 7; stochastic depth 0.2 / 0.5 as Table 4.
 
 
-def _describe(spec: dict[str, Any]) -> str:
-    norm = spec.get("attn_norm", "softmax")
-    kind = "depth-wise self-attention (Eq. 5)" if spec.get("depthwise") else f"{norm} attention (§4.2)"
-    pos = "absolute position embedding" if spec.get("pos") == "abs" else "relative position bias"
-    return f"{dict(swin_t='Swin-T', swin_b='Swin-B')[spec['base']]} with {kind}, {pos}"
+@register_model
+def swin_t(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-T: softmax window attention, relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.2)
+    return _create_swin("swin_t", pretrained, **dict(model_args, **kwargs))
 
 
-register_variants(SWIN_VARIANTS, _create_swin, _describe, globals())
+@register_model
+def swin_t_none_rel(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-T with unnormalised attention (§4.2), relative position bias (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.2, attn_norm="none")
+    return _create_swin("swin_t_none_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_t_scale_rel(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-T with scaling attention (§4.2), relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.2, attn_norm="scale")
+    return _create_swin("swin_t_scale_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_t_scale_relu_rel(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-T with scaling + ReLU attention (§4.2), relative position bias
+    (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.2, attn_norm="scale_relu")
+    return _create_swin("swin_t_scale_relu_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_t_layernorm_rel(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-T with LayerNorm attention (§4.2), relative position bias (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.2, attn_norm="layernorm")
+    return _create_swin("swin_t_layernorm_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_t_ln_relu_rel(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-T with LayerNorm + ReLU attention (§4.2), relative position bias
+    (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.2, attn_norm="ln_relu")
+    return _create_swin("swin_t_ln_relu_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_t_softmax_abs(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-T with softmax attention (§4.2), absolute position embedding (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.2, pos="abs")
+    return _create_swin("swin_t_softmax_abs", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_t_scale_abs(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-T with scaling attention (§4.2), absolute position embedding (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.2, attn_norm="scale", pos="abs")
+    return _create_swin("swin_t_scale_abs", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_t_scale_relu_abs(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-T with scaling + ReLU attention (§4.2), absolute position embedding
+    (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.2, attn_norm="scale_relu", pos="abs")
+    return _create_swin("swin_t_scale_relu_abs", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_t_dw(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-T with depth-wise self-attention (Eq. 5), relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                      drop_path_rate=0.2, depthwise=True)
+    return _create_swin("swin_t_dw", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_b(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-B: softmax window attention, relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                      drop_path_rate=0.5)
+    return _create_swin("swin_b", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_b_scale_rel(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-B with scaling attention (§4.2), relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                      drop_path_rate=0.5, attn_norm="scale")
+    return _create_swin("swin_b_scale_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_b_dw(pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Swin-B with depth-wise self-attention (Eq. 5), relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                      drop_path_rate=0.5, depthwise=True)
+    return _create_swin("swin_b_dw", pretrained, **dict(model_args, **kwargs))

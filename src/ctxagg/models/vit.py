@@ -3,8 +3,8 @@
 
 Names are ``<base>_<norm>_<pos>[_gap]``: ``deit_s_scale_relu_rel``; ``deit_s``/``deit_b`` are softmax with
 absolute position embeddings, ``*_dw_<pos>`` the depth-wise self-attention of Eq. 5. The Swin rows of the
-same tables live in :mod:`ctxagg.models.swin` (imported at the end of this module, so importing it
-registers every row); :data:`PAPER_NUMBERS` holds the targets of both.
+same tables live in :mod:`ctxagg.models.swin`, with their own ``PAPER_NUMBERS``; the two modules share only
+:mod:`ctxagg.layers.pos_embed_rel` and import nothing from each other.
 
 Relative position embedding for DeiT ("Rel"): §4.2 "swap[s] the positional embedding methods between the
 ViT and Swin Transformer", so it is Swin's — a learned bias table of (2·14−1)² entries per head per block,
@@ -24,12 +24,12 @@ neither counts element-wise ops such as depth-wise attention's ``q ⊙ k̄`` and
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -38,11 +38,10 @@ from ..affinity.attention import ATTENTION_NORMS, SelfAttentionAffinity
 from ..affinity.base import Affinity, merge_heads, split_heads, token_count
 from ..affinity.dw_attention import DepthwiseSelfAttention
 from ..blocks.aggregation import TokenAggregationBlock
+from ..layers.pos_embed_rel import POS_EMBED_KINDS, RelativePositionBias
 
-__all__ = ["AffinityViT", "ViTBlock", "RelativePositionBias", "RelPosSelfAttention", "TokenGrid",
-           "VIT_VARIANTS", "PAPER_NUMBERS", "checkpoint_filter_fn"]
-
-POSITIONS = ("abs", "rel")
+__all__ = ["AffinityViT", "ViTBlock", "RelPosSelfAttention", "TokenGrid", "PAPER_NUMBERS", "checkpoint_filter_fn",
+           "small_input_kwargs"]
 
 # --- the published numbers: GFLOPs (fvcore MACs), parameters (M), activations (M) at 224² -----------------
 # ``unmatched``: measures no consistent construction reproduces, with what this implementation gives and ``note`` why.
@@ -70,24 +69,6 @@ PAPER_NUMBERS: dict[str, dict[str, Any]] = {
     "deit_b": _t3(17.582, 86.568, 23.895),
     "deit_b_softmax_rel": _t3(17.582, 86.521, 23.895),
     "deit_b_dw_rel": _t3(15.830, 79.434, 16.481),
-    "swin_t": _t3(4.508, 28.288, 17.054),
-    "swin_t_none_rel": dict(_T2),
-    "swin_t_scale_rel": _t3(4.508, 28.288, 17.054),
-    "swin_t_scale_relu_rel": dict(_T2),
-    "swin_t_layernorm_rel": dict(_T2),
-    "swin_t_ln_relu_rel": dict(_T2),
-    "swin_t_softmax_abs": dict(_T2),
-    "swin_t_scale_abs": dict(_T2),
-    "swin_t_scale_relu_abs": dict(_T2),
-    "swin_t_dw": _t3(4.141, 26.850, 14.112, unmatched={"params": 26.127394}, note=(
-        "26.850M is not reachable with the construction that reproduces Swin-B depth-wise exactly (80.777M) "
-        "and both depth-wise activation counts: dropping the value projection from Swin-T gives 26.127M")),
-    "swin_b": _t3(15.467, 87.768, 36.625),
-    "swin_b_scale_rel": _t3(15.468, 87.768, 38.930, unmatched={"activations": 36.625344}, note=(
-        "38.930M exceeds softmax Swin-B (36.625M) by exactly one extra window-attention-sized tensor per "
-        "shifted block (2.305M), while Swin-T scaling equals Swin-T softmax (17.054M): the two rows were "
-        "measured on different code; we count the explicit attention once, as for Swin-T")),
-    "swin_b_dw": _t3(14.192, 80.777, 30.256),
 }
 
 
@@ -97,55 +78,6 @@ class TokenGrid:
 
     def __init__(self, size: Sequence[int]):
         self.size = tuple(size)
-
-
-def relative_position_index(grid: Sequence[int], table_grid: Sequence[int], device=None) -> Tensor:
-    """(N, N) index into a ((2·Th−1)·(2·Tw−1)) table of the 2-D offset ``c_i − c_j`` between grid cells
-    (Swin's layout). Offsets beyond the table's range are clamped to its border (paper-silent)."""
-    (h, w), (th, tw) = grid, table_grid
-    coords = torch.stack(torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
-                                        indexing="ij")).flatten(1)  # (2, N)
-    rel = coords[:, :, None] - coords[:, None, :]
-    dy = rel[0].clamp(-(th - 1), th - 1) + th - 1
-    dx = rel[1].clamp(-(tw - 1), tw - 1) + tw - 1
-    return dy * (2 * tw - 1) + dx
-
-
-class RelativePositionBias(nn.Module):
-    """Learned relative position bias ``p`` (Swin §3.2; the "Rel" position embedding of
-    vit_as_dynamic_conv.txt Table 2/3 and the ``p_i`` of Eq. 4-5): one scalar per head per 2-D offset."""
-
-    def __init__(self, heads: int, grid: Sequence[int]):
-        super().__init__()
-        self.heads = heads
-        self.grid = tuple(to_2tuple(grid))
-        self.table = nn.Parameter(torch.zeros((2 * self.grid[0] - 1) * (2 * self.grid[1] - 1), heads))
-        self.register_buffer("index", relative_position_index(self.grid, self.grid), persistent=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        trunc_normal_(self.table, std=0.02)  # as Swin
-
-    def extra_repr(self) -> str:
-        return f"heads={self.heads}, grid={self.grid}"
-
-    def set_grid(self, grid: Sequence[int]) -> None:
-        """Rebuild for a new grid, resampling the table bicubically (as timm does for Swin windows)."""
-        grid = tuple(to_2tuple(grid))
-        if grid == self.grid:
-            return
-        old = self.table.detach().t().reshape(1, self.heads, 2 * self.grid[0] - 1, 2 * self.grid[1] - 1)
-        new = F.interpolate(old, size=(2 * grid[0] - 1, 2 * grid[1] - 1), mode="bicubic", align_corners=False)
-        self.table = nn.Parameter(new.reshape(self.heads, -1).t().contiguous())
-        self.grid = grid
-        self.index = relative_position_index(grid, grid, device=self.table.device)
-
-    def forward(self, grid: Optional[Sequence[int]] = None) -> Tensor:
-        """(1, heads, N, N) bias for the tokens of ``grid`` (default: the grid it was built for)."""
-        grid = self.grid if grid is None else tuple(grid)
-        index = self.index if grid == self.grid else relative_position_index(grid, self.grid, self.table.device)
-        n = grid[0] * grid[1]
-        return self.table[index.reshape(-1)].reshape(n, n, self.heads).permute(2, 0, 1).unsqueeze(0)
 
 
 class RelPosSelfAttention(SelfAttentionAffinity):
@@ -168,10 +100,10 @@ class RelPosSelfAttention(SelfAttentionAffinity):
         if v.ndim != 3:
             raise ValueError("RelPosSelfAttention works on (B, N, C) tokens")
         n, nb = v.shape[1], attn_bias.shape[-1]
-        if self.norm in ("none", "scale") and not (self.training and self.attn_drop > 0):
+        if self.normaliser in ("none", "scale") and not (self.training and self.attn_drop > 0):
             out = super().forward(v, q, k)  # the Q(KᵀV) fast path
             # the normaliser is linear here: norm(S + P) = norm(S) + norm(P), with norm(P) = P or P / N
-            p = attn_bias / (n if self.norm == "scale" else 1)
+            p = attn_bias / (n if self.normaliser == "scale" else 1)
             rel = merge_heads(p.to(v.dtype) @ split_heads(v[:, n - nb:], self.heads), (0, nb, 0))
             return torch.cat([out[:, :n - nb], out[:, n - nb:] + rel], 1) if nb < n else out + rel
         return super().forward(v, q, k, attn_bias=self._padded(attn_bias, n).to(v.dtype))
@@ -182,7 +114,7 @@ class RelPosSelfAttention(SelfAttentionAffinity):
         return super().matrix(v_shape, q, k, attn_bias=bias)
 
     def macs(self, tokens: int) -> int:
-        if self.norm in ("none", "scale"):
+        if self.normaliser in ("none", "scale"):
             return super().macs(tokens) + tokens * tokens * self.dim  # plus P·V
         return super().macs(tokens)
 
@@ -201,14 +133,16 @@ class ViTBlock(TokenAggregationBlock):
         self.rel_pos = rel_pos
         self.grid = grid
 
-    def qkv(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    def affinity_inputs(self, x: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The affinity's positional inputs in the order of its ``forward``: (v, q, k), or (k, q, None) for
+        depth-wise self-attention, whose first input is the keys it aggregates (Eq. 5)."""
         if self.uses_value:
-            return super().qkv(x)
+            return super().affinity_inputs(x)
         q, k = self.proj_in(self.norm1(x)).chunk(2, dim=-1)
-        return k, q, None  # the keys play the role of V
+        return k, q, None  # Eq. 5: the keys are what the affinity aggregates (its first input)
 
     def forward(self, x: Tensor) -> Tensor:
-        v, q, k = self.qkv(x)
+        v, q, k = self.affinity_inputs(x)
         extra = {} if self.rel_pos is None else {"attn_bias": self.rel_pos(self.grid.size if self.grid else None)}
         x = x + self.drop_path1(self.proj_drop(self.proj_out(self.affinity(v, q, k, **extra))))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
@@ -222,7 +156,7 @@ def _vit_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool 
     if depthwise:
         affinity: Affinity = DepthwiseSelfAttention(dim, num_heads)
     else:
-        affinity = RelPosSelfAttention(dim, num_heads, norm=attn_norm, attn_drop=attn_drop)
+        affinity = RelPosSelfAttention(dim, num_heads, normaliser=attn_norm, attn_drop=attn_drop)
     rel_pos = RelativePositionBias(num_heads, grid.size) if grid is not None else None
     return ViTBlock(dim, affinity, rel_pos=rel_pos, grid=grid, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                     norm_layer=norm_layer, act_layer=act_layer, drop=proj_drop, drop_path=drop_path)
@@ -241,8 +175,8 @@ class AffinityViT(VisionTransformer):
     def __init__(self, attn_norm: str = "softmax", depthwise: bool = False, pos: str = "abs", **kwargs: Any):
         if attn_norm not in ATTENTION_NORMS:
             raise ValueError(f"unknown attn_norm {attn_norm!r}; choose one of {ATTENTION_NORMS}")
-        if pos not in POSITIONS:
-            raise ValueError(f"unknown pos {pos!r}; choose one of {POSITIONS}")
+        if pos not in POS_EMBED_KINDS:
+            raise ValueError(f"unknown pos {pos!r}; choose one of {POS_EMBED_KINDS}")
         img, patch = to_2tuple(kwargs.get("img_size", 224)), to_2tuple(kwargs.get("patch_size", 16))
         grid = TokenGrid((img[0] // patch[0], img[1] // patch[1]))
         kwargs["block_fn"] = partial(_vit_block, attn_norm=attn_norm, depthwise=depthwise,
@@ -286,67 +220,151 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
             "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs}
 
 
-_DEIT_BASES: dict[str, dict[str, Any]] = {
-    # DeiT-S/B (Touvron et al.); stochastic depth 0.1 as Table 4 (DeiT models share its hyper-parameters)
-    "deit_s": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1),
-    "deit_b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1),
-}
-_GAP = dict(class_token=False, global_pool="avg")  # "replace the class embedding ... with global average pooling"
-
-# name -> model arguments: every DeiT row of Tables 2 and 3
-VIT_VARIANTS: dict[str, dict[str, Any]] = {
-    "deit_s": dict(base="deit_s"),
-    "deit_s_none_abs": dict(base="deit_s", attn_norm="none"),
-    "deit_s_scale_abs": dict(base="deit_s", attn_norm="scale"),
-    "deit_s_scale_relu_abs": dict(base="deit_s", attn_norm="scale_relu"),
-    "deit_s_softmax_rel": dict(base="deit_s", pos="rel"),
-    "deit_s_scale_rel": dict(base="deit_s", attn_norm="scale", pos="rel"),
-    "deit_s_scale_relu_rel": dict(base="deit_s", attn_norm="scale_relu", pos="rel"),
-    "deit_s_layernorm_rel": dict(base="deit_s", attn_norm="layernorm", pos="rel"),
-    "deit_s_layernorm_rel_gap": dict(base="deit_s", attn_norm="layernorm", pos="rel", **_GAP),
-    "deit_s_ln_relu_rel_gap": dict(base="deit_s", attn_norm="ln_relu", pos="rel", **_GAP),
-    "deit_s_dw_abs": dict(base="deit_s", depthwise=True),
-    "deit_s_dw_rel": dict(base="deit_s", depthwise=True, pos="rel"),
-    "deit_b": dict(base="deit_b"),
-    "deit_b_softmax_rel": dict(base="deit_b", pos="rel"),
-    "deit_b_dw_rel": dict(base="deit_b", depthwise=True, pos="rel"),
-}
-
-default_cfgs = generate_default_cfgs({name: _cfg() for name in VIT_VARIANTS})
+def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
+    """Model arguments for training a DeiT row at ``img_size``: at ≤ 64² the 16×16 patches become 4×4
+    (8×8 tokens at 32²; paper-silent, the paper trains at 224² only). ``img_size`` sizes the absolute
+    embedding and the relative tables. The same for every DeiT name."""
+    return dict(img_size=img_size, **(dict(patch_size=4) if img_size <= 64 else {}))
 
 
 def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> AffinityViT:
-    spec = dict(VIT_VARIANTS[variant])
-    args = {**_DEIT_BASES[spec.pop("base")], **spec, **kwargs}
-    out_indices = args.pop("out_indices", 3)
+    out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(AffinityViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
-def _describe(spec: dict[str, Any]) -> str:
-    norm = spec.get("attn_norm", "softmax")
-    kind = "depth-wise self-attention (Eq. 5)" if spec.get("depthwise") else f"{norm} attention (§4.2)"
-    pos = "relative position bias" if spec.get("pos") == "rel" else "absolute position embedding"
-    pool = ", global average pooling" if spec.get("global_pool") == "avg" else ", class token"
-    return f"{dict(deit_s='DeiT-S', deit_b='DeiT-B')[spec['base']]} with {kind}, {pos}{pool}"
+default_cfgs = generate_default_cfgs({
+    "deit_s": _cfg(),
+    "deit_s_none_abs": _cfg(),
+    "deit_s_scale_abs": _cfg(),
+    "deit_s_scale_relu_abs": _cfg(),
+    "deit_s_softmax_rel": _cfg(),
+    "deit_s_scale_rel": _cfg(),
+    "deit_s_scale_relu_rel": _cfg(),
+    "deit_s_layernorm_rel": _cfg(),
+    "deit_s_layernorm_rel_gap": _cfg(),
+    "deit_s_ln_relu_rel_gap": _cfg(),
+    "deit_s_dw_abs": _cfg(),
+    "deit_s_dw_rel": _cfg(),
+    "deit_b": _cfg(),
+    "deit_b_softmax_rel": _cfg(),
+    "deit_b_dw_rel": _cfg(),
+})
+
+# DeiT-S/B (Touvron et al.): patch 16, 12 blocks; stochastic depth 0.1 as Table 4 (DeiT models share its
+# hyper-parameters). "_gap": "replace the class embedding ... with global average pooling" (§4.2).
 
 
-def register_variants(variants: dict[str, dict[str, Any]], create: Callable[..., nn.Module],
-                      describe: Callable[[dict[str, Any]], str], namespace: dict[str, Any]) -> None:
-    """Register one timm entry point per variant into ``namespace`` (a module's globals), documented from its
-    spec; the entry keeps that module's name, which timm records as the model's family."""
-    def make(name: str) -> Callable[..., nn.Module]:
-        def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-            return create(name, pretrained, **kwargs)
-        entry.__name__ = entry.__qualname__ = name
-        entry.__module__ = namespace["__name__"]
-        entry.__doc__ = f"{describe(variants[name])} ({PAPER_NUMBERS[name]['source']})."
-        return register_model(entry)
-
-    for name in variants:
-        namespace[name] = make(name)
+@register_model
+def deit_s(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S: softmax attention, absolute position embedding, class token (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1)
+    return _create_vit("deit_s", pretrained, **dict(model_args, **kwargs))
 
 
-register_variants(VIT_VARIANTS, _create_vit, _describe, globals())
+@register_model
+def deit_s_none_abs(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with unnormalised attention (§4.2), absolute position embedding (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1, attn_norm="none")
+    return _create_vit("deit_s_none_abs", pretrained, **dict(model_args, **kwargs))
 
-from . import swin as _swin  # noqa: E402,F401  (registers the Swin rows; swin.py imports from this module)
+
+@register_model
+def deit_s_scale_abs(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with scaling attention (§4.2), absolute position embedding (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1, attn_norm="scale")
+    return _create_vit("deit_s_scale_abs", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_s_scale_relu_abs(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with scaling + ReLU attention (§4.2), absolute position embedding (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1,
+                      attn_norm="scale_relu")
+    return _create_vit("deit_s_scale_relu_abs", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_s_softmax_rel(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with softmax attention (§4.2), relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1, pos="rel")
+    return _create_vit("deit_s_softmax_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_s_scale_rel(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with scaling attention (§4.2), relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1, attn_norm="scale",
+                      pos="rel")
+    return _create_vit("deit_s_scale_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_s_scale_relu_rel(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with scaling + ReLU attention (§4.2), relative position bias (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1,
+                      attn_norm="scale_relu", pos="rel")
+    return _create_vit("deit_s_scale_relu_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_s_layernorm_rel(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with LayerNorm attention (§4.2), relative position bias (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1,
+                      attn_norm="layernorm", pos="rel")
+    return _create_vit("deit_s_layernorm_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_s_layernorm_rel_gap(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with LayerNorm attention (§4.2), relative position bias, global average pooling
+    (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1,
+                      attn_norm="layernorm", pos="rel", class_token=False, global_pool="avg")
+    return _create_vit("deit_s_layernorm_rel_gap", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_s_ln_relu_rel_gap(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with LayerNorm + ReLU attention (§4.2), relative position bias, global average pooling
+    (ViT-as-DynConv Table 2)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1,
+                      attn_norm="ln_relu", pos="rel", class_token=False, global_pool="avg")
+    return _create_vit("deit_s_ln_relu_rel_gap", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_s_dw_abs(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with depth-wise self-attention (Eq. 5), absolute position embedding (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1, depthwise=True)
+    return _create_vit("deit_s_dw_abs", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_s_dw_rel(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-S with depth-wise self-attention (Eq. 5), relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1, depthwise=True,
+                      pos="rel")
+    return _create_vit("deit_s_dw_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_b(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-B: softmax attention, absolute position embedding, class token (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1)
+    return _create_vit("deit_b", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_b_softmax_rel(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-B with softmax attention (§4.2), relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1, pos="rel")
+    return _create_vit("deit_b_softmax_rel", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_b_dw_rel(pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """DeiT-B with depth-wise self-attention (Eq. 5), relative position bias (ViT-as-DynConv Table 3)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1, depthwise=True,
+                      pos="rel")
+    return _create_vit("deit_b_dw_rel", pretrained, **dict(model_args, **kwargs))
