@@ -14,6 +14,7 @@ without an independent reference.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -433,6 +434,69 @@ def attention_augmented_forward(aa: nn.Module, x: Tensor) -> Tensor:
     return torch.cat([group_conv_forward(aa.conv.weight, aa.conv.bias, 1, x), _conv1x1(attended, aa.proj)], 1)
 
 
+# ------------------------------------------------------------------ local attention (Swin §3.2; SASA Eq. 3)
+
+def _softmax_where(logits: Tensor, allowed: Tensor) -> Tensor:
+    """exp(z_ij) / Σ_{j allowed} exp(z_ij) over allowed j, 0 elsewhere."""
+    z = logits.masked_fill(~allowed, -math.inf)
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    return e / e.sum(-1, keepdim=True)
+
+
+def window_attention_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """Swin Eq. 4: A_m = softmax(Q_m K_mᵀ/√d + B_m) inside each w×w window, 0 across windows, (B, M, N, N).
+
+    Documented choices (affinity/window.py): along an axis, position p is in window ⌊(p − s)/w⌋ (the cyclic
+    shift s and its mask, in the original order); s = 0 on an axis that fits one padded window; padded keys
+    take no weight; B_m[i, j] = table[(y_i − y_j + w − 1)(2w − 1) + x_i − x_j + w − 1, m]."""
+    h, w = v_shape[2], v_shape[3]
+    win = op.window
+    shift_y = op.shift if math.ceil(h / win) * win > win else 0
+    shift_x = op.shift if math.ceil(w / win) * win > win else 0
+    s = attention_scores(q, k, op.heads)
+    n = h * w
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    bias = torch.zeros(op.heads, n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            yi, xi, yj, xj = i // w, i % w, j // w, j % w
+            allowed[i, j] = ((yi - shift_y) // win == (yj - shift_y) // win) and ((xi - shift_x) // win == (xj - shift_x) // win)
+            if allowed[i, j] and op.rel_table is not None:
+                bias[:, i, j] = op.rel_table[(yi - yj + win - 1) * (2 * win - 1) + xi - xj + win - 1].double()
+    return _softmax_where(s + bias, allowed)
+
+
+def neighbourhood_attention_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """SASA Eq. 3: y_ij = Σ_{(a,b) ∈ N_k(i,j)} softmax_ab(q_ijᵀ k_ab + q_ijᵀ r_{a−i, b−j}) v_ab, (B, M, N, N).
+
+    Documented choices (affinity/neighbourhood.py): r = (row embedding of a − i ‖ column embedding of b − j),
+    d/2 channels each, per head; the neighbourhood is cut at the border; logits times ``scale`` (1: none)."""
+    h, w = v_shape[2], v_shape[3]
+    r = op.kernel_size // 2
+    qt, kt = tokens(q), tokens(k)
+    b, n, c = qt.shape
+    m = op.heads
+    d = c // m
+    qh, kh = qt.reshape(b, n, m, d), kt.reshape(b, n, m, d)
+    logits = torch.einsum("bime,bjme->bmij", qh, kh)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            dy, dx = j // w - i // w, j % w - i % w
+            if abs(dy) <= r and abs(dx) <= r:
+                allowed[i, j] = True
+                if op.rel_rows is not None:
+                    logits[:, :, i, j] += torch.einsum("bme,me->bm", qh[:, i, :, :d // 2], op.rel_rows[:, dy + r].double())
+                    logits[:, :, i, j] += torch.einsum("bme,me->bm", qh[:, i, :, d // 2:], op.rel_cols[:, dx + r].double())
+    return _softmax_where(logits * op.scale, allowed)
+
+
+def _attention_forward(matrix_fn):
+    def forward(op, v, q=None, k=None):
+        return like(aggregate(per_channel(matrix_fn(op, v.shape, q, k), op.dim), tokens(v)), v.shape)
+    return forward
+
+
 # ------------------------------------------------------------------ the mixture (Container Eq. 9)
 
 def mixture_gates(op: AffinityMixture) -> tuple[Tensor, Tensor]:
@@ -507,6 +571,13 @@ REFERENCES: dict[type, Reference] = {
     RelativeSelfAttention2d: Reference(relative_attention_forward, relative_attention_matrix,
                                        channel_matrix=_channels_of(relative_attention_matrix)),
 }
+for _module, _class, _matrix in (("window", "WindowAttention", window_attention_matrix),
+                                 ("neighbourhood", "NeighbourhoodAttention", neighbourhood_attention_matrix)):
+    try:  # operators added by other work: referenced when present
+        _cls = getattr(importlib.import_module(f"ctxagg.affinity.{_module}"), _class)
+    except (ImportError, AttributeError):
+        continue
+    REFERENCES[_cls] = Reference(_attention_forward(_matrix), _matrix, channel_matrix=_channels_of(_matrix))
 
 
 def reference_for(op: nn.Module) -> Reference:
