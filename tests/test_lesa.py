@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import ctxagg.models.lesa  # noqa: F401  (registers the models)
+import references as ref
 from ctxagg.affinity.lesa import (AttentionAugmentedConv, LocallyEnhancedSelfAttention, RelativePositionTable2d,
                                   RelativeSelfAttention2d)
 from ctxagg.analysis.lesa import (diagonal_shares, fusion_weight_shares, mean_share, unary_ablation,
@@ -89,8 +90,13 @@ def test_binary_matrix_times_values_equals_forward(rel_pos, size):
     torch.testing.assert_close(a.sum(-1), torch.ones(2, 4, n, dtype=torch.float64))
     fused = att(v, q, k)  # eval: fused SDPA with the BN folded into q and the relative mask
     torch.testing.assert_close(att.reference(v, q, k), fused, rtol=1e-10, atol=1e-10)
-    att.logit_norm.train()  # training: explicit logits with batch statistics
-    torch.testing.assert_close(att.reference(v, q, k), att(v, q, k), rtol=1e-10, atol=1e-10)
+    # independently of the operator's code (Eq. 1-3 written out in tests/references.py)
+    torch.testing.assert_close(a, ref.relative_attention_matrix(att, v.shape, q, k), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fused, ref.relative_attention_forward(att, v, q, k), rtol=1e-10, atol=1e-10)
+    att.logit_norm.train()  # training: explicit logits with batch statistics (forward is matrix() @ V here)
+    torch.testing.assert_close(att(v, q, k), ref.relative_attention_forward(att, v, q, k), rtol=1e-10, atol=1e-10)
+    att.drop_diagonal = True  # Table 1 ablation: S_ii v_i removed, forward is matrix() @ V here too
+    torch.testing.assert_close(att(v, q, k), ref.relative_attention_forward(att, v, q, k), rtol=1e-10, atol=1e-10)
 
 
 def test_attention_augmentation_matrix_times_values_equals_forward():
@@ -99,6 +105,9 @@ def test_attention_augmentation_matrix_times_values_equals_forward():
     x = torch.randn(2, 64, 5, 4, dtype=torch.float64)
     q, k, v = aa.qkv(x).split([aa.key_dim, aa.key_dim, aa.value_dim], 1)
     torch.testing.assert_close(aa.attention.reference(v, q, k), aa.attention(v, q, k), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aa.attention(v, q, k), ref.relative_attention_forward(aa.attention, v, q, k),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aa(x), ref.attention_augmented_forward(aa, x), rtol=1e-10, atol=1e-10)
     assert aa(x).shape == x.shape
     big = AttentionAugmentedConv(256, 8)
     assert (big.key_dim, big.value_dim) == (48, 24)  # κ = 0.2, υ = 0.1 of 256, in multiples of 8 heads
