@@ -65,7 +65,7 @@ def test_cli_writes_json_csv_and_png(tmp_path):
 
 def test_cli_reports_a_configuration_that_cannot_run(tmp_path):
     # MLP affinities have a fixed token count: built for 32², refused at another size, reported in its row
-    code = cli_main(["bench", "--models", "mlp", "--img-sizes", "32", "--repeats", "1", "--warmup", "0",
+    code = cli_main(["bench", "--models", "container_mlp", "--img-sizes", "32", "--repeats", "1", "--warmup", "0",
                      "--model-kwargs", json.dumps(dict(TINY, img_size=64)), "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert code == 1 and "error" in rows[0]

@@ -19,7 +19,8 @@ def _with_bn_statistics(model: torch.nn.Module, size: int) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("container_light", {}), ("container", {}), ("dw3", {}), ("mlp_lr", dict(img_size=64)), ("linglo_b0", {}),
+    ("container_light", {}), ("container", {}), ("container_dw3", {}), ("container_mlp_lr", dict(img_size=64)),
+    ("linglo_b0", {}),
     ("resnet50_lesa", {}), ("resnet50_aa", {}), ("deit_s_scale_rel", dict(img_size=64)),
 ])
 def test_reparameterized_model_equals_original(name, kwargs):
@@ -30,11 +31,11 @@ def test_reparameterized_model_equals_original(name, kwargs):
         ref, out = model(x), deployed(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert count_params(deployed) <= count_params(model)
-    if name.startswith(("container", "dw3", "mlp", "resnet", "linglo")):
+    if name.startswith(("container", "resnet", "linglo")):
         assert count_params(deployed) < count_params(model)  # something was really folded
     def batch_norms(m):
         return sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
-    if name.startswith(("container", "dw3", "mlp_lr")):
+    if name.startswith("container"):
         assert batch_norms(deployed) == 1  # only the final BatchNorm before pooling stays
     elif name.startswith("resnet"):
         assert batch_norms(deployed) < batch_norms(model)  # conv→BN pairs folded (attention BNs stay)
@@ -67,10 +68,10 @@ def test_optimized_fp32_matches_and_bf16_agrees_on_top1():
 
 @pytest.mark.parametrize("name,fmt,dynamic", [
     ("container_light", "onnx", True), ("linglo_b0", "onnx", True), ("container_light", "torchscript", True),
-    ("container_light", "exported-program", True), ("mlp_lr", "onnx", False),
+    ("container_light", "exported-program", True), ("container_mlp_lr", "onnx", False),
 ])
 def test_export_round_trips(tmp_path, name, fmt, dynamic):
-    kwargs = dict(img_size=64) if name == "mlp_lr" else {}
+    kwargs = dict(img_size=64) if name == "container_mlp_lr" else {}
     model = reparameterize(_with_bn_statistics(timm.create_model(name, num_classes=10, **kwargs), 64))
     suffix = {"onnx": "onnx", "torchscript": "ts", "exported-program": "pt2"}[fmt]
     report = export_model(model, str(tmp_path / f"m.{suffix}"), fmt, img_size=(64, 64))
@@ -113,7 +114,7 @@ def test_cli_export_writes_a_verified_onnx(tmp_path, capsys):
 def test_compare_eager_reports_ratios_and_peak_fractions():
     from ctxagg.bench.deploy_compare import compare_eager
 
-    result = compare_eager(["dw3"], batch_size=2, img_size=64, warmup=0, repeats=1, compile=False)
+    result = compare_eager(["container_dw3"], batch_size=2, img_size=64, warmup=0, repeats=1, compile=False)
     row = result["rows"][0]
     assert result["peak_gmacs"]["fp32"] > 0 and result["peak_gmacs"]["bf16"] > 0
     for key in ("eager_fp32", "opt_fp32", "opt_bf16"):

@@ -123,7 +123,7 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys(tmp_path, case):
                     "vs model (10, 16)"]
     elif case == "other model":
         save_checkpoint(path, _weights(source), meta)
-        target = _tiny_model(model="dw3")
+        target = _tiny_model(model="container_dw3")
         expected = ["(it was trained as 'container_light')", "missing keys", "unexpected keys", "mis-shaped keys"]
     else:
         path = tmp_path / "weights.pth"
@@ -215,14 +215,14 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
 
 FAMILIES = {  # tiny versions of every family, built the way `ctxagg train` builds them (with input checks)
     "container_light": TINY,
-    "mlp": TINY,  # fixed-size token-MLP affinities
+    "container_mlp": TINY,  # fixed-size token-MLP affinities
     "linglo_b0": dict(dims=(8, 8, 16, 16), depths=(1, 1, 1, 1), heads=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2)),
     "resnet50_lesa": dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64)),
     "deit_s": dict(embed_dim=32, depth=1, num_heads=2),
     "container_pam": dict(embed_dim=32, depth=1, num_heads=2),
     "swin_t_dw": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
 }
-FIXED_SIZE = {"mlp", "deit_s", "container_pam", "swin_t_dw"}
+FIXED_SIZE = {"container_mlp", "deit_s", "container_pam", "swin_t_dw"}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -248,8 +248,8 @@ def test_every_family_refuses_bad_inputs_by_name(name):
 
 
 def test_a_fixed_size_model_is_built_at_the_training_img_size():
-    # `ctxagg train --model mlp --img-size 24` builds the token MLPs for 24² (not 224²); 32² is then refused
-    model = build_model(TrainConfig(model="mlp", img_size=24, model_kwargs=TINY), 10).eval()
+    # `ctxagg train --model container_mlp --img-size 24` builds the token MLPs for 24² (not 224²); 32² is then refused
+    model = build_model(TrainConfig(model="container_mlp", img_size=24, model_kwargs=TINY), 10).eval()
     assert model(torch.randn(1, 3, 24, 24)).shape == (1, 10)
     with pytest.raises(InputError, match="built for 24×24 input, got 32×32; build it with img_size=32"):
         model(torch.randn(1, 3, 32, 32))
@@ -584,7 +584,7 @@ def _cli(argv, capsys) -> tuple[int, str]:
 @pytest.mark.parametrize("argv", [
     ["train", "--model", "container_lite"],
     ["eval", "--checkpoint", "missing.safetensors", "--model", "container_lite"],
-    ["compare", "--models", "dw3,container_lite", "--output", "unused"],
+    ["compare", "--models", "container_light,container_lite", "--output", "unused"],
 ])
 def test_unknown_model_names_suggest_the_nearest_for_every_subcommand(argv, capsys):
     code, err = _cli(argv, capsys)

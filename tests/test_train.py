@@ -62,8 +62,8 @@ def test_a_run_writes_metrics_plot_and_checkpoints_that_eval_reads(tmp_path):
     assert confusion.sum() == 359 and confusion.diag().sum() == round(report["top1"] * 359 / 100)
     assert (tmp_path / "eval" / "confusion.png").stat().st_size > 0
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["top1"] == report["top1"]
-    with pytest.raises(ValueError, match="trained as 'container_light', not 'dw3'"):
-        evaluate_checkpoint(str(out / "model_best.safetensors"), model="dw3")
+    with pytest.raises(ValueError, match="trained as 'container_light', not 'container_dw3'"):
+        evaluate_checkpoint(str(out / "model_best.safetensors"), model="container_dw3")
 
 
 def test_training_learns_digits(tmp_path):

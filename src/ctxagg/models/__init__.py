@@ -1,21 +1,29 @@
-"""Model families, registered in timm's registry on import."""
+"""Model families, registered in timm's registry on import (one file per family)."""
 from __future__ import annotations
 
 from typing import Any
 
-from timm.models._registry import _model_entrypoints
+import timm
 
-from . import container, lesa, linglos, vit
+from . import container, lesa, linglos, swin, vit
 from .container import ContainerNet
 
-__all__ = ["ContainerNet", "container", "lesa", "linglos", "vit", "model_names", "paper_numbers"]
+__all__ = ["ContainerNet", "container", "lesa", "linglos", "swin", "vit", "model_names", "paper_numbers"]
 
-_FAMILIES = [container, lesa, linglos, vit]  # vit.PAPER_NUMBERS also holds the Swin rows
+_FAMILIES = (container, lesa, linglos, swin, vit)
+
+
+def _family_key(family) -> str:
+    return family.__name__.rsplit(".", 1)[-1]  # timm keys its module index by the last name component
 
 
 def model_names() -> list[str]:
-    """Every model this package registers in timm, in registration order."""
-    return [name for name, fn in _model_entrypoints.items() if fn.__module__.startswith("ctxagg.")]
+    """Every model this package registers in timm (deprecated aliases excluded), family by family."""
+    names: list[str] = []
+    for family in _FAMILIES:
+        names += [n for n in timm.list_models(module=_family_key(family))
+                  if timm.models.model_entrypoint(n).__module__ == family.__name__]
+    return names
 
 
 def paper_numbers() -> dict[str, dict[str, Any]]:

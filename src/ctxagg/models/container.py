@@ -11,8 +11,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import to_2tuple
+from timm.layers import calculate_drop_path_rates, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._registry import register_model_deprecations
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -21,25 +22,31 @@ from ..blocks import AggregationBlock, TokenAggregationBlock
 from ..layers import ConvPatchEmbed
 from .staged import Stage, StagedBackbone
 
-__all__ = ["ContainerNet", "checkpoint_filter_fn", "to_official_state_dict", "CONTAINER_VARIANTS", "PAPER_NUMBERS"]
+__all__ = ["ContainerNet", "checkpoint_filter_fn", "to_official_state_dict", "PAPER_NUMBERS", "DEPRECATED_NAMES"]
 
-# What the paper reports (params in M, GFLOPs = GMACs at 224²) and the parameter tolerance we hold
-# ourselves to: the targets of the tests and of `ctxagg models`.
+# What the papers report (params in M, GFLOPs = GMACs at 224²) and the parameter tolerance we hold ourselves
+# to (the README's stated 3% for Table 2): the targets of the tests and of `ctxagg models`.
 _T2 = dict(source="Container Table 2", params_tol=0.03)
 PAPER_NUMBERS: dict[str, dict[str, Any]] = {
-    # exact: the official release has 20,633,643 parameters; the paper's 20.0M is rounded from it
-    "container_light": dict(params=20.0, gflops=3.2, source="Container Table 1/2", params_exact=20_633_643),
+    # the released container_v1_light (MLP ratios 8, 8, 4, 4): 20,633,643 params, 3.85 GMACs — not the paper's
+    # 20.0M / 3.2G, which describe container_light_paper (ratio 4 everywhere)
+    "container_light": dict(source="official container_v1_light release", params_exact=20_633_643),
+    "container_light_paper": dict(params=20.0, gflops=3.2, source="Container Table 1", params_exact=20_008_235),
     "container": dict(params=22.1, gflops=8.1, source="Container Table 1/2", params_tol=0.03),
-    "hdeit_s": dict(params=22.1, **_T2),
-    "conv3": dict(params=33.8, **_T2),
-    "group_conv3": dict(params=20.5, **_T2),
-    "dw3": dict(params=18.7, **_T2),
-    "mh_dw3": dict(params=18.6, **_T2),
-    "mlp": dict(params=50.9, **_T2),
-    "mlp_lr": dict(params=36.5, **_T2),
-    "mh_mlp_lr": dict(params=41.6, **_T2),
+    "container_hdeit_s": dict(params=22.1, **_T2),
+    "container_conv3": dict(params=33.8, **_T2),
+    "container_group_conv3": dict(params=20.5, **_T2),
+    "container_dw3": dict(params=18.7, **_T2),
+    "container_mh_dw3": dict(params=18.6, **_T2),
+    "container_mlp": dict(params=50.9, **_T2),
+    "container_mlp_lr": dict(params=36.5, **_T2),
+    "container_mh_mlp_lr": dict(params=41.6, **_T2),
     "container_pam": dict(source="Container §4.1 (DeiT-S + static MLP affinity; no count given)"),
 }
+
+# Table 2 variants registered before the family prefix; the old names warn and build the new model.
+DEPRECATED_NAMES = {name: f"container_{name}" for name in (
+    "hdeit_s", "conv3", "group_conv3", "dw3", "mh_dw3", "mlp", "mlp_lr", "mh_mlp_lr")}
 
 
 class ContainerNet(StagedBackbone):
@@ -63,7 +70,7 @@ class ContainerNet(StagedBackbone):
                  global_pool: str = "avg", drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn_norm: str = "softmax",
                  gate: str = "convex", mlp_rank: float | int = 0.25, pos_kernel: int = 3,
-                 mlp_rank_stages: Optional[Sequence[bool]] = None, model_name: str = "container", **kwargs):
+                 mlp_rank_stages: Optional[Sequence[bool]] = None, model_name: str = "container_light", **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"unexpected arguments for {model_name}: {sorted(kwargs)}")
@@ -72,7 +79,7 @@ class ContainerNet(StagedBackbone):
         self.model_name = model_name
         self.mixers = tuple(mixers)
         img_size = to_2tuple(img_size)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = [r for stage in calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True) for r in stage]
         stages, strides, stride, prev_dim, offset = [], [], 1, in_chans, 0
         fixed = False
         for i, (spec, dim, depth, patch, ratio) in enumerate(zip(mixers, dims, depths, patch_sizes, mlp_ratios)):
@@ -168,111 +175,129 @@ def _cfg(**kwargs) -> dict:
     }
 
 
-# Stage mixers of each registered variant (Container Table 2). Choices where the paper is silent:
-CONTAINER_VARIANTS: dict[str, dict[str, Any]] = {
-    # official container_v1_light: static 5×5 depthwise in stages 1-3, attention+conv mixture in stage 4
-    "container_light": dict(mixers=("dw5", "dw5", "dw5", "mix(sa,dw5)")),
-    # paper: mixture in every stage; same base as Light, heads C/M = 32 per Table 2
-    "container": dict(mixers=("mix(sa,dw5)",) * 4),
-    # H-DeiT-S: attention only (α=1, β=0) in every stage of the same base
-    "hdeit_s": dict(mixers=("sa",) * 4),
-    # Conv-3: full 3×3 conv between the block's 1×1 projections ("channel information ... 1×1 convs")
-    "conv3": dict(mixers=("conv3",) * 4),
-    # Group Conv-3: 3×3 conv with groups of 32 channels (the C/M = 32 grouping of the other variants)
-    "group_conv3": dict(mixers=("gconv3",) * 4),
-    # DW-3 / MH-DW-3: 3×3 depthwise, per channel (C/M = 1) or shared inside 32-channel heads
-    "dw3": dict(mixers=("dw3",) * 4),
-    "mh_dw3": dict(mixers=("mhdw3",) * 4),
-    # MLP: one dense N×N token MLP per block (M = 1), built for 224² input
-    "mlp": dict(mixers=("mlp",) * 4),
-    # MLP-LR: low rank only in stage 1, whose dense 3136² matrix dominates (9.8M params a block), at rank
-    # N/4 = 784; stages 2-4 stay dense. Lands at 36.46M (-0.1%); rank N/4 everywhere would give 35.1M (-3.9%).
-    "mlp_lr": dict(mixers=("mlp_lr",) * 4, mlp_rank=0.25, mlp_rank_stages=(True, False, False, False)),
-    # MH-MLP-LR: 32-channel heads (C/M = 32), each head its own matrix; rank 256 per head in stage 1, dense
-    # per head in stages 2-4. Lands at 41.58M (-0.05%); the paper gives no ranks, this is our choice.
-    "mh_mlp_lr": dict(mixers=("mh_mlp_lr",) * 4, mlp_rank=256, mlp_rank_stages=(True, False, False, False)),
-}
-
 default_cfgs = generate_default_cfgs({
-    **{name: _cfg(fixed_input_size=name.startswith("mlp") or name.startswith("mh_mlp")) for name in CONTAINER_VARIANTS},
+    "container_light": _cfg(),
+    "container_light_paper": _cfg(),
+    "container": _cfg(),
+    "container_hdeit_s": _cfg(),
+    "container_conv3": _cfg(),
+    "container_group_conv3": _cfg(),
+    "container_dw3": _cfg(),
+    "container_mh_dw3": _cfg(),
+    "container_mlp": _cfg(fixed_input_size=True),
+    "container_mlp_lr": _cfg(fixed_input_size=True),
+    "container_mh_mlp_lr": _cfg(fixed_input_size=True),
     "container_pam": _cfg(pool_size=None, first_conv="patch_embed.proj", fixed_input_size=True),
 })
 
 
 def _create_container(variant: str, pretrained: bool = False, **kwargs) -> ContainerNet:
-    args = {**CONTAINER_VARIANTS[variant], "model_name": variant, **kwargs}
     return build_model_with_cfg(
         ContainerNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **args)
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), model_name=variant, **kwargs)
 
 
 @register_model
 def container_light(pretrained: bool = False, **kwargs) -> ContainerNet:
-    """Container-Light (container.txt §3.5, Eq. 12; Table 1: 20.0M params, 3.2 GFLOPs).
+    """Container-Light as released (official ``container_v1_light``; container.txt §3.5, Eq. 12): static 5×5
+    depthwise affinities in stages 1-3, α·A_sa + β·A_dw5 in stage 4, MLP ratios (8, 8, 4, 4).
 
-    Structurally identical to the official ``container_v1_light``: 20,633,643 parameters. The paper
-    rounds this to 20.0M; the 3% gap is the paper's, not ours (measured from the official code).
+    Structurally identical to the official code (its checkpoints load): 20,633,643 parameters, 3.85 GMACs.
+    The paper's Table 1 (20.0M, 3.2G) describes :func:`container_light_paper`.
     """
-    return _create_container("container_light", pretrained, **kwargs)
+    model_args = dict(mixers=("dw5", "dw5", "dw5", "mix(sa,dw5)"), mlp_ratios=(8, 8, 4, 4))
+    return _create_container("container_light", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def container_light_paper(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """Container-Light as the paper counts it (container.txt Table 1: 20.0M params, 3.2 GFLOPs): the official
+    structure with MLP ratio 4 in every stage — exactly 20,008,235 parameters and 3.12 GMACs at 224²."""
+    model_args = dict(mixers=("dw5", "dw5", "dw5", "mix(sa,dw5)"), mlp_ratios=(4, 4, 4, 4))
+    return _create_container("container_light_paper", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def container(pretrained: bool = False, **kwargs) -> ContainerNet:
-    """Container: α·A_sa + β·A_conv in all four stages (container.txt §3.3-3.4; Table 1: 22.1M, 8.1G)."""
-    return _create_container("container", pretrained, **kwargs)
+    """Container: α·A_sa + β·A_dw5 in all four stages (container.txt §3.3-3.4; Table 1: 22.1M, 8.1G).
+
+    Built on the released Light base (dims 64/128/320/512, depths 3/4/8/3, patches 4/2/2/2), not on the
+    paper's §3.4 text (128/256/320/512, 2/3/8/3, patches 4/4/2/2: a total stride of 64, inconsistent with a
+    7×7 final map at 224²); heads of C/M = 32 channels as Table 2.
+    """
+    model_args = dict(mixers=("mix(sa,dw5)",) * 4)
+    return _create_container("container", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def hdeit_s(pretrained: bool = False, **kwargs) -> ContainerNet:
-    """H-DeiT-S: self-attention only on the hierarchical base (container.txt Table 2: 22.1M)."""
-    return _create_container("hdeit_s", pretrained, **kwargs)
+def container_hdeit_s(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """H-DeiT-S: self-attention only (α=1, β=0) in every stage of the base (container.txt Table 2: 22.1M)."""
+    model_args = dict(mixers=("sa",) * 4)
+    return _create_container("container_hdeit_s", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def conv3(pretrained: bool = False, **kwargs) -> ContainerNet:
-    """Conv-3: naive 3×3 convolution as the spatial mixer (container.txt Table 2: 33.8M)."""
-    return _create_container("conv3", pretrained, **kwargs)
+def container_conv3(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """Conv-3: a full 3×3 convolution between the block's 1×1 projections (container.txt Table 2: 33.8M)."""
+    model_args = dict(mixers=("conv3",) * 4)
+    return _create_container("container_conv3", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def group_conv3(pretrained: bool = False, **kwargs) -> ContainerNet:
-    """Group Conv-3: grouped 3×3 convolution, 32 channels a group (container.txt Table 2: 20.5M)."""
-    return _create_container("group_conv3", pretrained, **kwargs)
+def container_group_conv3(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """Group Conv-3: grouped 3×3 convolution, 32 channels a group (the C/M = 32 grouping of the other variants;
+    container.txt Table 2: 20.5M)."""
+    model_args = dict(mixers=("gconv3",) * 4)
+    return _create_container("container_group_conv3", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def dw3(pretrained: bool = False, **kwargs) -> ContainerNet:
+def container_dw3(pretrained: bool = False, **kwargs) -> ContainerNet:
     """DW-3: 3×3 depthwise static affinity, M = C (container.txt Table 2: 18.7M)."""
-    return _create_container("dw3", pretrained, **kwargs)
+    model_args = dict(mixers=("dw3",) * 4)
+    return _create_container("container_dw3", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def mh_dw3(pretrained: bool = False, **kwargs) -> ContainerNet:
+def container_mh_dw3(pretrained: bool = False, **kwargs) -> ContainerNet:
     """MH-DW-3: 3×3 kernels shared inside 32-channel heads (container.txt §3.3, Table 2: 18.6M)."""
-    return _create_container("mh_dw3", pretrained, **kwargs)
+    model_args = dict(mixers=("mhdw3",) * 4)
+    return _create_container("container_mh_dw3", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def mlp(pretrained: bool = False, **kwargs) -> ContainerNet:
-    """MLP: dense transposed-MLP affinity, M = 1, fixed 224² input (container.txt Eq. 8, Table 2: 50.9M)."""
-    return _create_container("mlp", pretrained, **kwargs)
+def container_mlp(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """MLP: one dense N×N token MLP per block, M = 1, fixed 224² input (container.txt Eq. 8, Table 2: 50.9M)."""
+    model_args = dict(mixers=("mlp",) * 4)
+    return _create_container("container_mlp", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def mlp_lr(pretrained: bool = False, **kwargs) -> ContainerNet:
-    """MLP-LR: low-rank transposed MLP A = U Vᵀ, fixed 224² input (container.txt Table 2: 36.5M)."""
-    return _create_container("mlp_lr", pretrained, **kwargs)
+def container_mlp_lr(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """MLP-LR: low-rank transposed MLP A = U Vᵀ, fixed 224² input (container.txt Table 2: 36.5M).
+
+    Paper-silent: low rank only in stage 1, whose dense 3136² matrix dominates (9.8M params a block), at rank
+    N/4 = 784; stages 2-4 stay dense. Lands at 36.46M (-0.1%); rank N/4 everywhere would give 35.1M (-3.9%).
+    """
+    model_args = dict(mixers=("mlp_lr",) * 4, mlp_rank=0.25, mlp_rank_stages=(True, False, False, False))
+    return _create_container("container_mlp_lr", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def mh_mlp_lr(pretrained: bool = False, **kwargs) -> ContainerNet:
-    """MH-MLP-LR: multi-head low-rank transposed MLP, fixed 224² input (container.txt Table 2: 41.6M)."""
-    return _create_container("mh_mlp_lr", pretrained, **kwargs)
+def container_mh_mlp_lr(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """MH-MLP-LR: multi-head low-rank transposed MLP, fixed 224² input (container.txt Table 2: 41.6M).
+
+    Paper-silent: 32-channel heads (C/M = 32), each head its own matrix; rank 256 per head in stage 1, dense per
+    head in stages 2-4. Lands at 41.58M (-0.05%).
+    """
+    model_args = dict(mixers=("mh_mlp_lr",) * 4, mlp_rank=256, mlp_rank_stages=(True, False, False, False))
+    return _create_container("container_mh_mlp_lr", pretrained, **dict(model_args, **kwargs))
 
 
 def _pam_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_drop: float = 0.0,
                attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer=nn.LayerNorm, act_layer=nn.GELU,
                tokens: int = 197, gate: str = "convex", **_: Any) -> TokenAggregationBlock:
+    """timm ``block_fn`` of Container-PAM: the extra timm arguments (qk_norm, init_values, ...) are unused."""
     affinity = AffinityMixture(SelfAttentionAffinity(dim, num_heads, attn_drop=attn_drop),
                                TokenMlpAffinity(dim, tokens, heads=1), gate=gate)
     return TokenAggregationBlock(dim, affinity, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer,
@@ -289,10 +314,13 @@ def container_pam(pretrained: bool = False, **kwargs) -> VisionTransformer:
     included, paper-silent choice), so the input size is fixed at 224². DeiT-S has 22,050,664 params;
     the 12 static 197×197 matrices and gates add 465,720.
     """
-    args = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    args.update(kwargs)
+    model_args = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    args = dict(model_args, **kwargs)
     img_size, patch = to_2tuple(args["img_size"]), args["patch_size"]
     tokens = (img_size[0] // patch) * (img_size[1] // patch) + 1
     args["block_fn"] = partial(_pam_block, tokens=tokens, gate=args.pop("gate", "convex"))
     return build_model_with_cfg(VisionTransformer, "container_pam", pretrained,
                                 feature_cfg=dict(out_indices=3, feature_cls="getter"), **args)
+
+
+register_model_deprecations(__name__, DEPRECATED_NAMES)

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, SEModule, to_2tuple
+from timm.layers import DropPath, LayerNorm2d, SEModule, calculate_drop_path_rates, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -213,7 +213,7 @@ class LinGloNet(StagedBackbone):
             raise ValueError(f"unknown cpe {cpe!r}; choose one of {CPE_MODES} or None")
         self.model_name = model_name  # qkv_bias: paper-silent, biased K/V projections as PVT's qkv
         img_size = to_2tuple(img_size)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = [r for stage in calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True) for r in stage]
         stages, strides, stride, prev_dim, offset = [], [], 1, in_chans, 0
         for i, (dim, depth, head, ratio, kind) in enumerate(zip(dims, depths, heads, mlp_ratios, stage_types)):
             if patch_sizes is None:
