@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ctxagg.affinity import build_affinity
+from ctxagg.affinity.axial import AxialAttention
+from ctxagg.affinity.chain import AffinityChain
 from ctxagg.affinity.neighbourhood import NeighbourhoodAttention
 from ctxagg.affinity.window import WindowAttention
 from ctxagg.bench import largest_intermediate
@@ -218,9 +220,97 @@ def test_neighbourhood_gradients_and_bad_arguments():
         NeighbourhoodAttention(6, 2, kernel_size=3)
 
 
+# ---------------------------------------------------------------- axial attention and chain(a, b)
+
+def axial_matrices(q, k, heads):
+    """Ho et al. §3 with loops: row attention R[i, j] = softmax over j in i's row of q_iᵀk_j/√d (0 elsewhere),
+    column attention C likewise over i's column; returns (R, C), each (B, M, N, N)."""
+    b, c, h, w = q.shape
+    d, n = c // heads, h * w
+    rows = torch.zeros(b, heads, n, n, dtype=torch.float64)
+    cols = torch.zeros(b, heads, n, n, dtype=torch.float64)
+    for bi in range(b):
+        for m in range(heads):
+            ch = slice(m * d, (m + 1) * d)
+            for y in range(h):
+                for x in range(w):
+                    for target, line in ((rows, [(y, xx) for xx in range(w)]), (cols, [(yy, x) for yy in range(h)])):
+                        logits = [float(q[bi, ch, y, x] @ k[bi, ch, a, bb]) / math.sqrt(d) for a, bb in line]
+                        for wgt, (a, bb) in zip(_softmax_row(logits), line):
+                            target[bi, m, y * w + x, a * w + bb] = wgt
+    return rows, cols
+
+
+def _apply_loops(a, v, heads):
+    """out[b, c, i] = Σ_j A[b, head(c), i, j] v[b, c, j] with explicit index arithmetic (einsum)."""
+    b, c, h, w = v.shape
+    per_channel = a.repeat_interleave(c // heads, dim=1)
+    return torch.einsum("bcij,bcj->bci", per_channel, v.reshape(b, c, h * w)).reshape(v.shape)
+
+
+@pytest.mark.parametrize("grid", [(5, 7), (3, 2)])
+def test_axial_attention_is_column_times_row(grid):
+    aff = build_affinity("axial", dim=DIM, heads=HEADS).double()
+    assert isinstance(aff, AffinityChain) and isinstance(aff.first, AxialAttention)
+    assert (aff.first.axis, aff.second.axis) == ("row", "column")
+    v, q, k = _qkv((2, DIM, *grid))
+    rows, cols = axial_matrices(q, k, HEADS)
+    ref = _apply_loops(cols, _apply_loops(rows, v, HEADS), HEADS)
+    out = aff(v, q, k)
+    assert out.shape == v.shape
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aff.matrix(v.shape, q, k), cols @ rows, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aff.first.matrix(v.shape, q, k), rows, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(build_affinity("axial_column", dim=DIM, heads=HEADS).double()(v, q, k),
+                               _apply_loops(cols, v, HEADS), rtol=1e-10, atol=1e-10)
+
+
+def test_chain_of_window_then_neighbourhood_matches_composed_loops():
+    aff = _randomise(build_affinity("chain(shifted_window3, neighbourhood3)", dim=DIM, heads=HEADS).double())
+    v, q, k = _qkv((2, DIM, 5, 7))
+    first, second = aff.first, aff.second
+    ref = sasa_reference(swin_reference(v, q, k, 3, 1, HEADS, first.rel_table.detach()), q, k, 3, HEADS,
+                         second.rel_rows.detach(), second.rel_cols.detach())
+    torch.testing.assert_close(aff(v, q, k), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aff.reference(v, q, k), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_chain_of_three_and_nested_mix_parse_and_agree():
+    aff = _randomise(build_affinity("chain(window2, shifted_window2, mix(sa,dw3))", dim=DIM, heads=HEADS).double())
+    assert isinstance(aff.first, AffinityChain) and aff.heads == DIM  # lcm(2 heads, 8 depthwise channels)
+    v, q, k = _qkv((2, DIM, 4, 5))
+    torch.testing.assert_close(aff(v, q, k), aff.reference(v, q, k), rtol=1e-10, atol=1e-10)
+    assert aff.bias_term() is not None  # the mixture's β·bias, added after the product
+
+
+def test_axial_and_chain_known_answers():
+    zeros = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    v = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=torch.float64)
+    assert build_affinity("axial", dim=1, heads=1)(v, zeros, zeros).flatten().tolist() == [2.5] * 4
+    v = torch.tensor([[[[4.0, 8.0]]]], dtype=torch.float64)
+    q = torch.tensor([[[[0.0, math.log(3.0)]]]], dtype=torch.float64)
+    k = torch.tensor([[[[0.0, 1.0]]]], dtype=torch.float64)
+    # query 0: weights 1:1 -> 6; query 1: logits (0, ln 3) -> weights 1/4, 3/4 -> 7; a column of one token is itself
+    out = build_affinity("chain(axial_column,axial_row)", dim=1, heads=1)(v, q, k)
+    torch.testing.assert_close(out.flatten(), torch.tensor([6.0, 7.0], dtype=torch.float64))
+
+
+def test_axial_gradients_and_chain_refusals():
+    aff = build_affinity("axial", dim=4, heads=2).double()
+    v, q, k = (t.requires_grad_() for t in _qkv((1, 4, 3, 4)))
+    assert torch.autograd.gradcheck(lambda a, b, c: aff(a, b, c), (v, q, k), fast_mode=True)
+    with pytest.raises(ValueError, match="adds a bias"):
+        build_affinity("chain(dw3,sa)", dim=8, heads=2)
+    with pytest.raises(ValueError, match="at least two"):
+        build_affinity("chain(sa)", dim=8, heads=2)
+    with pytest.raises(ValueError, match="unknown axis"):
+        AxialAttention(8, 2, axis="diagonal")
+
+
 # ---------------------------------------------------------------- never N×N in forward
 
-@pytest.mark.parametrize("spec", ["window7", "shifted_window7", "neighbourhood5"])
+@pytest.mark.parametrize("spec", ["window7", "shifted_window7", "neighbourhood5", "axial",
+                                  "chain(window7,neighbourhood3)"])
 def test_sparse_patterns_never_materialise_n_by_n(spec):
     grid, dim = (64, 64), 16  # N = 4096, N² = 16.8M elements
     torch.manual_seed(0)

@@ -14,6 +14,8 @@ from .dw_attention import DepthwiseSelfAttention
 from .lesa import AttentionAugmentedConv, LocallyEnhancedSelfAttention, RelativeSelfAttention2d
 from .window import WindowAttention
 from .neighbourhood import NeighbourhoodAttention
+from .chain import AffinityChain
+from .axial import AxialAttention
 
 __all__ = [
     "Affinity", "SelfAttentionAffinity", "DepthwiseConvAffinity", "GroupConvAffinity", "TokenMlpAffinity",

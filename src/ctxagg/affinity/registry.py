@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from .base import Affinity
 from .mixture import AffinityMixture  # mixture imports only base: no cycle
 
-__all__ = ["AffinityContext", "build_affinity", "register_affinity", "affinity_names"]
+__all__ = ["AffinityContext", "build_affinity", "register_affinity", "register_combinator", "affinity_names"]
 
 
 class AffinityContext(dict):
@@ -40,13 +40,37 @@ def register_affinity(name: str) -> Callable[[Builder], Builder]:
     return wrap
 
 
+Combinator = Callable[[AffinityContext, list[str]], Affinity]
+_COMBINATORS: dict[str, Combinator] = {}
+
+
+def register_combinator(name: str) -> Callable[[Combinator], Combinator]:
+    """Register ``combinator(ctx, argument_specs) -> Affinity``, parsed as ``name(arg, ...)`` (may nest)."""
+    def wrap(fn: Combinator) -> Combinator:
+        _COMBINATORS[name] = fn
+        return fn
+    return wrap
+
+
+def split_arguments(text: str) -> list[str]:
+    """Split ``"a,mix(b,c)"`` at its top-level commas: ``["a", "mix(b,c)"]``."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def affinity_names() -> list[str]:
-    """Every registered operator name, plus the ``mix(...)`` combinator."""
-    return sorted(_BUILDERS) + ["mix(<dynamic>,<static>)"]
+    """Every registered operator name, plus the ``mix(...)`` and registered combinators."""
+    return sorted(_BUILDERS) + ["mix(<dynamic>,<static>)"] + [f"{name}(...)" for name in sorted(_COMBINATORS)]
 
 
 _MIX = re.compile(r"^mix\((?P<dyn>[^,()]+),(?P<static>[^,()]+)\)$")
 _NAME = re.compile(r"^(?P<name>[a-z_]+?)(?P<k>\d+)?$")
+_CALL = re.compile(r"^(?P<name>[a-z_]+)\((?P<args>.*)\)$")
 
 
 def build_affinity(spec: str, **ctx) -> Affinity:
@@ -58,6 +82,9 @@ def build_affinity(spec: str, **ctx) -> Affinity:
     if mix:
         return AffinityMixture(build_affinity(mix["dyn"], **context), build_affinity(mix["static"], **context),
                                gate=context.get("gate", "convex"))
+    call = _CALL.match(spec)
+    if call and call["name"] in _COMBINATORS:
+        return _COMBINATORS[call["name"]](context, split_arguments(call["args"]))
     match = _NAME.match(spec)
     if not match or match["name"] not in _BUILDERS:
         raise ValueError(f"unknown affinity {spec!r}; known: {', '.join(affinity_names())} "
