@@ -491,6 +491,32 @@ def neighbourhood_attention_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor)
     return _softmax_where(logits * op.scale, allowed)
 
 
+def axial_attention_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """Ho et al. 2019 §3: A_m[i, j] = softmax_j(q_iᵀk_j/√d) over the j in i's row (``axis="row"``) or column."""
+    w = v_shape[3]
+    n = v_shape[2] * w
+    line = [(i // w) if op.axis == "row" else (i % w) for i in range(n)]
+    allowed = torch.tensor([[line[i] == line[j] for j in range(n)] for i in range(n)])
+    return _softmax_where(attention_scores(q, k, op.heads), allowed)
+
+
+def _chain_channels(op: nn.Module, v_shape, q=None, k=None) -> Tensor:
+    """chain(a, b): apply a then b, A_c = A_b,c · A_a,c per channel (matrix product over tokens)."""
+    parts = []
+    for part in (op.first, op.second):
+        ref = reference_for(part)
+        if ref.channel_matrix is None:
+            raise AssertionError(f"the chain reference needs spatial (N×N) parts, got {type(part).__name__}")
+        parts.append(ref.channel_matrix(part, v_shape, q, k) if part.dynamic else ref.channel_matrix(part, v_shape))
+    return torch.einsum("bcij,bcjl->bcil", *torch.broadcast_tensors(parts[1], parts[0]))
+
+
+def _chain_forward(op: nn.Module, v, q=None, k=None) -> Tensor:
+    out = like(aggregate(_chain_channels(op, v.shape, q, k), tokens(v)), v.shape)
+    bias = reference_for(op.second).bias(op.second)
+    return out if bias is None else out + (bias.double().view(1, -1, 1, 1) if v.ndim == 4 else bias.double())
+
+
 def _attention_forward(matrix_fn):
     def forward(op, v, q=None, k=None):
         return like(aggregate(per_channel(matrix_fn(op, v.shape, q, k), op.dim), tokens(v)), v.shape)
@@ -572,12 +598,21 @@ REFERENCES: dict[type, Reference] = {
                                        channel_matrix=_channels_of(relative_attention_matrix)),
 }
 for _module, _class, _matrix in (("window", "WindowAttention", window_attention_matrix),
-                                 ("neighbourhood", "NeighbourhoodAttention", neighbourhood_attention_matrix)):
+                                 ("neighbourhood", "NeighbourhoodAttention", neighbourhood_attention_matrix),
+                                 ("axial", "AxialAttention", axial_attention_matrix)):
     try:  # operators added by other work: referenced when present
         _cls = getattr(importlib.import_module(f"ctxagg.affinity.{_module}"), _class)
     except (ImportError, AttributeError):
         continue
     REFERENCES[_cls] = Reference(_attention_forward(_matrix), _matrix, channel_matrix=_channels_of(_matrix))
+try:
+    from ctxagg.affinity.chain import AffinityChain
+except ImportError:
+    pass
+else:
+    REFERENCES[AffinityChain] = Reference(
+        _chain_forward, lambda op, v_shape, q=None, k=None: _chain_channels(op, v_shape, q, k)[:, ::op.dim // op.heads],
+        bias=lambda op: reference_for(op.second).bias(op.second), channel_matrix=_chain_channels)
 
 
 def reference_for(op: nn.Module) -> Reference:
