@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctxagg.affinity import build_affinity
+from ctxagg.affinity import build_affinity, conv_toeplitz
 from ctxagg.affinity.axial import AxialAttention
 from ctxagg.affinity.chain import AffinityChain
+from ctxagg.affinity.conv_attention import QuadraticEncodingAttention
 from ctxagg.affinity.neighbourhood import NeighbourhoodAttention
 from ctxagg.affinity.window import WindowAttention
 from ctxagg.bench import largest_intermediate
@@ -305,6 +306,86 @@ def test_axial_gradients_and_chain_refusals():
         build_affinity("chain(sa)", dim=8, heads=2)
     with pytest.raises(ValueError, match="unknown axis"):
         AxialAttention(8, 2, axis="diagonal")
+
+
+# ---------------------------------------------------------------- self-attention that is a convolution (Cordonnier)
+
+def quadratic_reference(v, centres, alphas, support=None):
+    """Cordonnier Lemma 1 with loops: head h weights key pixel k of query q by
+    exp(−α_h(‖δ − Δ_h‖² − ‖Δ_h‖²)), δ = k − q, normalised over every offset of the zero-padded plane
+    (|δy| < H, |δx| < W, or |δ| <= support//2), and sums the in-image values."""
+    b, c, h, w = v.shape
+    heads = len(alphas)
+    d = c // heads
+    ry, rx = (h - 1, w - 1) if support is None else (support // 2, support // 2)
+    out = torch.zeros_like(v)
+    for m in range(heads):
+        cy, cx, alpha = float(centres[m, 0]), float(centres[m, 1]), float(alphas[m])
+        weight = lambda dy, dx: math.exp(-alpha * ((dy - cy) ** 2 + (dx - cx) ** 2 - cy ** 2 - cx ** 2))
+        norm = sum(weight(dy, dx) for dy in range(-ry, ry + 1) for dx in range(-rx, rx + 1))
+        for y in range(h):
+            for x in range(w):
+                for a in range(h):
+                    for bb in range(w):
+                        if abs(a - y) <= ry and abs(bb - x) <= rx:
+                            share = weight(a - y, bb - x) / norm
+                            out[:, m * d:(m + 1) * d, y, x] += share * v[:, m * d:(m + 1) * d, a, bb]
+    return out
+
+
+@pytest.mark.parametrize("kernel,support,grid", [(3, None, (4, 5)), (2, None, (3, 2)), (3, 5, (5, 7))])
+def test_quadratic_encoding_attention_matches_lemma_1_loops(kernel, support, grid):
+    aff = QuadraticEncodingAttention(2 * kernel ** 2, kernel_size=kernel, alpha=0.7, support=support).double()
+    with torch.no_grad():  # learned centres and sharpness away from their initial grid
+        aff.centres.add_(torch.linspace(-0.4, 0.4, aff.centres.numel()).view_as(aff.centres).double())
+        aff.log_alpha.add_(torch.linspace(-0.5, 0.5, aff.heads).double())
+    v = _qkv((2, aff.dim, *grid))[0]
+    ref = quadratic_reference(v, aff.centres.detach(), aff.log_alpha.detach().exp(), support)
+    torch.testing.assert_close(aff(v), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aff.reference(v), ref, rtol=1e-10, atol=1e-10)
+    assert aff.matrix(v.shape).shape == (1, kernel ** 2, grid[0] * grid[1], grid[0] * grid[1])
+
+
+@pytest.mark.parametrize("kernel,grid", [(3, (4, 5)), (5, (6, 6)), (2, (3, 4))])
+def test_k2_quadratic_heads_weighted_by_a_kernel_are_its_conv_toeplitz(kernel, grid):
+    """Cordonnier Lemma 1 / Theorem 1 executable: as α grows, Σ_h κ[Δ_h]·A_h is the zero-padded K×K conv."""
+    aff = QuadraticEncodingAttention(kernel ** 2, kernel_size=kernel, alpha=40.0).double()
+    kappa = torch.randn(kernel, kernel, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a = aff.matrix((1, aff.dim, *grid))[0]
+    combined = torch.einsum("h,hij->ij", kappa.flatten(), a)
+    torch.testing.assert_close(combined, conv_toeplitz(kappa[None], *grid)[0], rtol=0, atol=1e-12)
+    soft = QuadraticEncodingAttention(kernel ** 2, kernel_size=kernel, alpha=1.0).double().matrix((1, 1, *grid))[0]
+    assert (torch.einsum("h,hij->ij", kappa.flatten(), soft) - combined).abs().max() > 0.1  # α matters
+
+
+def test_multi_head_attention_reproduces_a_multi_channel_convolution():
+    """Theorem 1: K² heads each reading all C_in channels (W_val = I), output projection W_out[h] = W[:, :, Δ_h]."""
+    c_in, c_out, kernel = 2, 3, 3
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, c_in, 5, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, kernel, kernel, generator=g, dtype=torch.float64)
+    aff = QuadraticEncodingAttention(kernel ** 2 * c_in, kernel_size=kernel, alpha=40.0).double()
+    values = x.repeat(1, kernel ** 2, 1, 1)  # head h gets its own copy of X
+    heads_out = aff(values).view(2, kernel ** 2, c_in, 5, 4)
+    y = sum(torch.einsum("oc,bcyx->boyx", weight[:, :, h // kernel, h % kernel], heads_out[:, h])
+            for h in range(kernel ** 2))
+    torch.testing.assert_close(y, F.conv2d(x, weight, padding=1), rtol=0, atol=1e-12)
+
+
+def test_quadratic_encoding_known_answer_and_gradients():
+    aff = QuadraticEncodingAttention(1, kernel_size=1, alpha=math.log(2.0)).double()
+    v = torch.tensor([[[[4.0, 8.0]]]], dtype=torch.float64)
+    # offsets −1, 0, +1 weigh 1/4, 1/2, 1/4 (the padded key at −1 or +1 keeps its share): 4/2 + 8/4, 4/4 + 8/2
+    torch.testing.assert_close(aff(v).flatten(), torch.tensor([4.0, 5.0], dtype=torch.float64))
+    aff = QuadraticEncodingAttention(8, kernel_size=2, alpha=0.5).double()
+    v = _qkv((1, 8, 3, 4))[0].requires_grad_()
+    assert torch.autograd.gradcheck(aff, (v,), fast_mode=True)
+    aff(v).square().sum().backward()
+    assert aff.centres.grad.abs().sum() > 0 and aff.log_alpha.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs 9 heads"):
+        build_affinity("conv_attn3", dim=16, heads=4)
+    with pytest.raises(ValueError, match="support must be odd"):
+        QuadraticEncodingAttention(9, kernel_size=3, support=4)
 
 
 # ---------------------------------------------------------------- never N×N in forward

@@ -16,6 +16,7 @@ from .window import WindowAttention
 from .neighbourhood import NeighbourhoodAttention
 from .chain import AffinityChain
 from .axial import AxialAttention
+from .conv_attention import QuadraticEncodingAttention
 
 __all__ = [
     "Affinity", "SelfAttentionAffinity", "DepthwiseConvAffinity", "GroupConvAffinity", "TokenMlpAffinity",
