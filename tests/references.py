@@ -14,7 +14,6 @@ without an independent reference.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -22,8 +21,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ctxagg.affinity import (AffinityMixture, DepthwiseConvAffinity, DepthwiseSelfAttention, GroupConvAffinity,
-                             KeyOnlyAttention, RelativeSelfAttention2d, SelfAttentionAffinity, TokenMlpAffinity)
+from ctxagg.affinity import (AffinityChain, AffinityMixture, AxialAttention, DepthwiseConvAffinity,
+                             DepthwiseSelfAttention, GroupConvAffinity, KeyOnlyAttention, NeighbourhoodAttention,
+                             QuadraticEncodingAttention, RelativeSelfAttention2d, SelfAttentionAffinity,
+                             TokenMlpAffinity, WindowAttention)
 
 LAYER_NORM_EPS = 1e-5  # documented choice in affinity/attention.py: LayerNorm over keys, no affine, eps 1e-5
 
@@ -500,6 +501,30 @@ def axial_attention_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tens
     return _softmax_where(attention_scores(q, k, op.heads), allowed)
 
 
+def quadratic_encoding_matrix(op: nn.Module, v_shape, q=None, k=None) -> Tensor:
+    """Cordonnier et al. 2020, Lemma 1: A_h[i, j] = exp(−α_h(‖δ − Δ_h‖² − ‖Δ_h‖²)) / Σ_δ' exp(...), δ = key − query,
+    normalised over the zero-padded plane of offsets |δy| ≤ ry, |δx| ≤ rx (ry = H − 1 or support // 2, documented
+    in affinity/conv_attention.py), then zero where the key is outside that reach; (1, M, N, N)."""
+    h, w = v_shape[2], v_shape[3]
+    ry, rx = (op.support // 2, op.support // 2) if op.support is not None else (h - 1, w - 1)
+    alpha, centres = op.log_alpha.double().exp(), op.centres.double()
+
+    def logit(m: int, dy: int, dx: int) -> Tensor:
+        cy, cx = centres[m]
+        return -alpha[m] * ((dy - cy) ** 2 + (dx - cx) ** 2 - cy ** 2 - cx ** 2)
+
+    n = h * w
+    a = torch.zeros(1, op.heads, n, n, dtype=torch.float64)
+    for m in range(op.heads):
+        norm = sum(torch.exp(logit(m, dy, dx)) for dy in range(-ry, ry + 1) for dx in range(-rx, rx + 1))
+        for i in range(n):
+            for j in range(n):
+                dy, dx = j // w - i // w, j % w - i % w
+                if abs(dy) <= ry and abs(dx) <= rx:
+                    a[0, m, i, j] = torch.exp(logit(m, dy, dx)) / norm
+    return a
+
+
 def _chain_channels(op: nn.Module, v_shape, q=None, k=None) -> Tensor:
     """chain(a, b): apply a then b, A_c = A_b,c · A_a,c per channel (matrix product over tokens)."""
     parts = []
@@ -597,22 +622,14 @@ REFERENCES: dict[type, Reference] = {
     RelativeSelfAttention2d: Reference(relative_attention_forward, relative_attention_matrix,
                                        channel_matrix=_channels_of(relative_attention_matrix)),
 }
-for _module, _class, _matrix in (("window", "WindowAttention", window_attention_matrix),
-                                 ("neighbourhood", "NeighbourhoodAttention", neighbourhood_attention_matrix),
-                                 ("axial", "AxialAttention", axial_attention_matrix)):
-    try:  # operators added by other work: referenced when present
-        _cls = getattr(importlib.import_module(f"ctxagg.affinity.{_module}"), _class)
-    except (ImportError, AttributeError):
-        continue
+for _cls, _matrix in ((WindowAttention, window_attention_matrix),
+                      (NeighbourhoodAttention, neighbourhood_attention_matrix),
+                      (AxialAttention, axial_attention_matrix),
+                      (QuadraticEncodingAttention, quadratic_encoding_matrix)):
     REFERENCES[_cls] = Reference(_attention_forward(_matrix), _matrix, channel_matrix=_channels_of(_matrix))
-try:
-    from ctxagg.affinity.chain import AffinityChain
-except ImportError:
-    pass
-else:
-    REFERENCES[AffinityChain] = Reference(
-        _chain_forward, lambda op, v_shape, q=None, k=None: _chain_channels(op, v_shape, q, k)[:, ::op.dim // op.heads],
-        bias=lambda op: reference_for(op.second).bias(op.second), channel_matrix=_chain_channels)
+REFERENCES[AffinityChain] = Reference(
+    _chain_forward, lambda op, v_shape, q=None, k=None: _chain_channels(op, v_shape, q, k)[:, ::op.dim // op.heads],
+    bias=lambda op: reference_for(op.second).bias(op.second), channel_matrix=_chain_channels)
 
 
 def reference_for(op: nn.Module) -> Reference:

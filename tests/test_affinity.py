@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import references as ref
-from ctxagg.affinity import (ATTENTION_NORMS, AffinityMixture, DepthwiseConvAffinity, SelfAttentionAffinity,
+from ctxagg.affinity import (ATTENTION_NORMS, DepthwiseConvAffinity, SelfAttentionAffinity,
                              TokenMlpAffinity, affinity_names, apply_matrix, build_affinity, conv_toeplitz)
 from ctxagg.bench import largest_intermediate
 

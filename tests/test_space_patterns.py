@@ -12,6 +12,7 @@ from ctxagg.affinity import build_affinity, conv_toeplitz
 from ctxagg.affinity.axial import AxialAttention
 from ctxagg.affinity.chain import AffinityChain
 from ctxagg.affinity.conv_attention import QuadraticEncodingAttention
+from ctxagg.affinity.masked import MaskedAttention, SparsePattern
 from ctxagg.affinity.neighbourhood import NeighbourhoodAttention
 from ctxagg.affinity.window import WindowAttention
 from ctxagg.bench import largest_intermediate
@@ -388,10 +389,87 @@ def test_quadratic_encoding_known_answer_and_gradients():
         QuadraticEncodingAttention(9, kernel_size=3, support=4)
 
 
+# ---------------------------------------------------------------- masked(sa, pattern): sparse patterns
+
+def pattern_keys(pattern, y, x, h, w):
+    """The keys (a, b) query (y, x) may see, from the papers' definitions (Longformer §3.1: sliding window
+    of k, dilated window, global tokens both ways; Sparse Transformers §4.2 strided = row/column here)."""
+    def local(a, b):
+        for term in pattern.split("+"):
+            if term == "row" and a == y or term == "column" and b == x:
+                return True
+            if term.startswith(("band", "dilated")):
+                size, dil = (int(term[4:]), 1) if term.startswith("band") else map(int, term[7:].split("_"))
+                r = size // 2
+                if any((y + dil * i, x + dil * j) == (a, b) for i in range(-r, r + 1) for j in range(-r, r + 1)):
+                    return True
+        return False
+    strides = [int(t[6:]) for t in pattern.split("+") if t.startswith("global")]
+    is_global = lambda a, b: bool(strides) and a % strides[0] == 0 and b % strides[0] == 0
+    return [(a, b) for a in range(h) for b in range(w) if is_global(y, x) or is_global(a, b) or local(a, b)]
+
+
+def masked_reference(v, q, k, pattern, heads):
+    b, c, h, w = v.shape
+    d = c // heads
+    out = torch.zeros_like(v)
+    for bi in range(b):
+        for m in range(heads):
+            ch = slice(m * d, (m + 1) * d)
+            for y in range(h):
+                for x in range(w):
+                    keys = pattern_keys(pattern, y, x, h, w)
+                    logits = [float(q[bi, ch, y, x] @ k[bi, ch, a, bb]) / math.sqrt(d) for a, bb in keys]
+                    for wgt, (a, bb) in zip(_softmax_row(logits), keys):
+                        out[bi, ch, y, x] += wgt * v[bi, ch, a, bb]
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["band3", "dilated3_2", "row+column", "global3", "band3+global2",
+                                     "dilated3_2+row+global4"])
+@pytest.mark.parametrize("grid", [(5, 7), (4, 4)])
+def test_masked_attention_matches_pattern_loops_and_matrix(pattern, grid):
+    aff = build_affinity(f"masked(sa, {pattern})", dim=DIM, heads=HEADS).double()
+    assert isinstance(aff, MaskedAttention) and str(aff.pattern) == pattern
+    v, q, k = _qkv((2, DIM, *grid))
+    ref = masked_reference(v, q, k, pattern, HEADS)
+    torch.testing.assert_close(aff(v, q, k), ref, rtol=1e-10, atol=1e-10)
+    a = aff.matrix(v.shape, q, k)
+    torch.testing.assert_close(aff.reference(v, q, k), ref, rtol=1e-10, atol=1e-10)
+    h, w = grid
+    counts = torch.tensor([len(pattern_keys(pattern, i // w, i % w, h, w)) for i in range(h * w)])
+    assert ((a > 0).sum(-1) == counts).all()  # matrix() shows the pattern's zeros
+
+
+def test_masked_known_answer_global_tokens_count_once():
+    v = torch.tensor([[[[1.0, 2.0, 3.0, 10.0]]]], dtype=torch.float64)
+    zeros = torch.zeros_like(v)  # uniform weights over each query's allowed keys
+    out = build_affinity("masked(sa,global2)", dim=1, heads=1)(v, zeros, zeros)
+    torch.testing.assert_close(out.flatten(), torch.tensor([4.0, 2.0, 4.0, 2.0], dtype=torch.float64))
+    out = build_affinity("masked(sa,band3+global2)", dim=1, heads=1)(v, zeros, zeros)
+    # x=3 sees band {2, 3} and global {0, 2}: {0, 2, 3} once each -> 14/3 (4.25 if key 2 counted twice)
+    torch.testing.assert_close(out.flatten(), torch.tensor([4.0, 2.0, 4.0, 14 / 3], dtype=torch.float64))
+
+
+def test_masked_gradients_and_refusals():
+    aff = MaskedAttention(4, 2, "band3+global2").double()
+    v, q, k = (t.requires_grad_() for t in _qkv((1, 4, 3, 4)))
+    assert torch.autograd.gradcheck(lambda a, b, c: aff(a, b, c), (v, q, k), fast_mode=True)
+    with pytest.raises(ValueError, match="unknown pattern term 'stripes'"):
+        SparsePattern.parse("band3+stripes")
+    with pytest.raises(ValueError, match="must be odd"):
+        SparsePattern.parse("band4")
+    with pytest.raises(ValueError, match="masks softmax dot-product attention"):
+        build_affinity("masked(dw3,band3)", dim=8, heads=2)
+    with pytest.raises(ValueError, match="an attention and a pattern"):
+        build_affinity("masked(sa)", dim=8, heads=2)
+
+
 # ---------------------------------------------------------------- never N×N in forward
 
 @pytest.mark.parametrize("spec", ["window7", "shifted_window7", "neighbourhood5", "axial",
-                                  "chain(window7,neighbourhood3)"])
+                                  "chain(window7,neighbourhood3)", "masked(sa,band5+global16)",
+                                  "masked(sa,dilated3_2)"])
 def test_sparse_patterns_never_materialise_n_by_n(spec):
     grid, dim = (64, 64), 16  # N = 4096, N² = 16.8M elements
     torch.manual_seed(0)

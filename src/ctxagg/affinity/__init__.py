@@ -17,11 +17,14 @@ from .neighbourhood import NeighbourhoodAttention
 from .chain import AffinityChain
 from .axial import AxialAttention
 from .conv_attention import QuadraticEncodingAttention
+from .masked import MaskedAttention, SparsePattern
 
 __all__ = [
     "Affinity", "SelfAttentionAffinity", "DepthwiseConvAffinity", "GroupConvAffinity", "TokenMlpAffinity",
     "AffinityMixture", "AffinityContext", "ATTENTION_NORMS", "GATES", "apply_matrix", "split_heads",
     "merge_heads", "token_count", "conv_toeplitz", "expand_heads", "build_affinity", "register_affinity",
     "affinity_names", "KeyOnlyAttention", "LocallyEnhancedSelfAttention", "RelativeSelfAttention2d",
-    "AttentionAugmentedConv", "DepthwiseSelfAttention", "to_tokens", "from_tokens",
+    "AttentionAugmentedConv", "DepthwiseSelfAttention", "to_tokens", "from_tokens", "WindowAttention",
+    "NeighbourhoodAttention", "AffinityChain", "AxialAttention", "QuadraticEncodingAttention", "MaskedAttention",
+    "SparsePattern",
 ]

@@ -102,6 +102,12 @@ class Affinity(nn.Module):
         """Per-channel offset added after ``A·V`` (a conv bias), shape (C,), or None."""
         return None
 
+    def pop_bias(self) -> Optional[Tensor]:
+        """Deployment fold: remove the constant per-channel offset this operator adds after ``A·V`` and return it
+        (shape (C,)) for the next linear layer to absorb; None if nothing can be removed. Afterwards
+        ``forward(v) + returned == old forward(v)``."""
+        return None
+
     def macs(self, tokens: int) -> int:
         """Multiply-accumulates of ``A·V`` (and of building ``A``) for one image of ``tokens`` tokens."""
         raise NotImplementedError

@@ -81,6 +81,11 @@ class DepthwiseConvAffinity(Affinity):
     def bias_term(self) -> Optional[Tensor]:
         return self.bias
 
+    @torch.no_grad()
+    def pop_bias(self) -> Optional[Tensor]:
+        bias, self.bias = self.bias, None
+        return None if bias is None else bias.detach()
+
     def macs(self, tokens: int) -> int:
         return tokens * self.dim * self.kernel_size ** 2
 

@@ -78,5 +78,13 @@ class AffinityMixture(Affinity):
         terms = [w * b for w, b in parts if b is not None]
         return sum(terms) if terms else None
 
+    @torch.no_grad()
+    def pop_bias(self) -> Optional[Tensor]:
+        """Remove the parts' constant offsets, each weighted by its gate at the current (frozen) α, β."""
+        alpha, beta = self.weights()
+        parts = ((alpha, self.dynamic_affinity.pop_bias()), (beta, self.static_affinity.pop_bias()))
+        terms = [w * b for w, b in parts if b is not None]
+        return sum(terms) if terms else None
+
     def macs(self, tokens: int) -> int:
         return self.dynamic_affinity.macs(tokens) + self.static_affinity.macs(tokens) + tokens * self.dim
