@@ -140,7 +140,7 @@ def _check_outputs(out: Path, mixtures: int) -> dict:
 
 
 def test_inspect_an_untrained_tiny_model(tmp_path, image):
-    code = cli_main(["inspect", "--model", "container_light", "--image", image, "--out", str(tmp_path),
+    code = cli_main(["inspect", "--model", "container_light", "--image", image, "--output", str(tmp_path),
                      "--img-size", "64", "--model-kwargs", json.dumps(TINY), "--query", "32,32", "0,63"])
     assert code == 0
     numbers = _check_outputs(tmp_path, mixtures=1)

@@ -48,9 +48,9 @@ def test_benchmark_a_built_module_and_a_name():
 
 
 def test_cli_writes_json_csv_and_png(tmp_path):
-    code = cli_main(["bench", "--models", "container_light", "--batch-sizes", "2", "--img-sizes", "32",
+    code = cli_main(["bench", "throughput", "--models", "container_light", "--batch-sizes", "2", "--img-sizes", "32",
                      "--dtypes", "fp32,bf16", "--memory-formats", "contiguous,channels_last", "--warmup", "1",
-                     "--repeats", "2", "--model-kwargs", json.dumps(TINY), "--out", str(tmp_path)])
+                     "--repeats", "2", "--model-kwargs", json.dumps(TINY), "--output", str(tmp_path)])
     assert code == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert len(rows) == 4 and not any(r.get("error") for r in rows)
@@ -65,8 +65,8 @@ def test_cli_writes_json_csv_and_png(tmp_path):
 
 def test_cli_reports_a_configuration_that_cannot_run(tmp_path):
     # MLP affinities have a fixed token count: built for 32², refused at another size, reported in its row
-    code = cli_main(["bench", "--models", "container_mlp", "--img-sizes", "32", "--repeats", "1", "--warmup", "0",
-                     "--model-kwargs", json.dumps(dict(TINY, img_size=64)), "--out", str(tmp_path)])
+    code = cli_main(["bench", "throughput", "--models", "container_mlp", "--img-sizes", "32", "--repeats", "1",
+                     "--warmup", "0", "--model-kwargs", json.dumps(dict(TINY, img_size=64)), "--output", str(tmp_path)])
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert code == 1 and "error" in rows[0]
 

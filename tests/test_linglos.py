@@ -13,7 +13,7 @@ from ctxagg.bench import count_params
 from ctxagg.bench.linglos_fig4 import PeakTensorBytes
 from ctxagg.layers.rep_cpe import CPE_MODES, RepConditionalPosEnc
 
-MODELS = list(linglos.LINGLO_VARIANTS)
+MODELS = timm.list_models(module="linglos")
 
 
 @pytest.fixture(autouse=True, scope="module")

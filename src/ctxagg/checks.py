@@ -1,14 +1,21 @@
 """Input checks any model can get: layout, dtype, channel count, empty batch, fixed size, and (opt-in) NaN/Inf.
 
-``StagedBackbone`` models (Container, LinGlos) run :func:`check_images` on every forward. timm-based families
-(LESA ResNets, ViT/DeiT/Swin variants, Container-PAM) get the same checks from a forward-pre-hook::
+Every family gets them the same way, from one forward-pre-hook (the stable API)::
 
-    ctxagg.checks.add_input_checks(model)               # default checks (what `ctxagg train/eval` installs)
+    ctxagg.checks.add_input_checks(model)               # default checks; a family's constructor (or entry
+                                                        # point) installs them, `ctxagg train/eval` too
     ctxagg.checks.add_input_checks(model, finite=True)  # ... and refuse NaN/Inf pixels
     with ctxagg.checks.enable_input_checks():           # NaN/Inf checks for every checked model in the block
         model(x)
 
-The finite check reads the whole batch (a device sync on GPU), so it is off by default.
+What a model accepts is read from the model (:func:`input_spec`): ``model_name`` (or the timm
+``pretrained_cfg`` architecture), the first conv's ``in_channels``, ``fixed_img_size`` (or a strict timm
+``patch_embed.img_size``). The hook checks calls of ``model(x)``; methods called directly
+(``forward_features``) are not hooked. The finite check reads the whole batch (a device sync on GPU), so it
+is off by default.
+
+Layer: this module imports only torch, so every layer (affinity/ ... cli.py) may use it and it never
+imports the package (no cycle through models/).
 """
 from __future__ import annotations
 
@@ -45,8 +52,7 @@ def finite_checks_enabled() -> bool:
 
 @contextmanager
 def enable_input_checks(finite: bool = True) -> Iterator[None]:
-    """Within the block, every checked model (StagedBackbone, or one given :func:`add_input_checks`) also
-    refuses NaN/Inf inputs."""
+    """Within the block, every model given :func:`add_input_checks` also refuses NaN/Inf inputs."""
     global _finite_depth
     _finite_depth += int(finite)
     try:
@@ -112,20 +118,25 @@ def _first_conv(model: nn.Module) -> Optional[nn.Module]:
 
 
 def input_spec(model: nn.Module) -> InputSpec:
-    """Model name, input channels and fixed input size (if any) of ``model``: StagedBackbone attributes, timm's
-    ``pretrained_cfg``/``patch_embed``, or the first Conv2d."""
+    """Model name, input channels and fixed input size (if any) of ``model``: its ``model_name`` and
+    ``fixed_img_size`` attributes, timm's ``pretrained_cfg``/``patch_embed``, or the first Conv2d."""
     own_name = getattr(model, "model_name", None)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = own_name if isinstance(own_name, str) and own_name != "model" else cfg.get("architecture") \
         or type(model).__name__
     conv = _first_conv(model)
-    in_chans = conv.in_channels if conv is not None else None
+    return InputSpec(name, conv.in_channels if conv is not None else None, fixed_input_size(model))
+
+
+def fixed_input_size(model: nn.Module) -> Optional[tuple[int, int]]:
+    """The one input size ``model`` accepts now, or None: its ``fixed_img_size``, or a strict timm ``patch_embed``
+    size (read at every call: ``set_input_size`` changes it)."""
     fixed = getattr(model, "fixed_img_size", None)
     patch_embed = getattr(model, "patch_embed", None)
     if fixed is None and patch_embed is not None and getattr(patch_embed, "strict_img_size", False) \
             and not getattr(model, "dynamic_img_size", False) and getattr(patch_embed, "img_size", None) is not None:
         fixed = patch_embed.img_size
-    return InputSpec(name, in_chans, tuple(fixed) if fixed is not None else None)
+    return tuple(fixed) if fixed is not None else None
 
 
 class _InputCheckHook:
@@ -136,7 +147,7 @@ class _InputCheckHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         x = args[0] if args else kwargs.get("x", next(iter(kwargs.values()), None))
-        check_images(x, self.spec.name, self.spec.in_chans, self.spec.fixed_size, self.finite)
+        check_images(x, self.spec.name, self.spec.in_chans, fixed_input_size(module), self.finite)
         return None
 
 
@@ -144,35 +155,25 @@ class InputChecks:
     """What :func:`add_input_checks` changed; ``remove()`` undoes exactly that (a hook it installed is taken off,
     a finite setting it changed is restored)."""
 
-    def __init__(self, model: nn.Module, finite: bool, hook: Optional[_InputCheckHook], previous_finite: bool,
+    def __init__(self, model: nn.Module, finite: bool, hook: _InputCheckHook, previous_finite: bool,
                  installed: bool):
         self.model, self.finite, self._hook = model, finite, hook
         self._previous, self._installed = previous_finite, installed
 
     def remove(self) -> None:
-        if self._hook is None:
-            self.model.check_finite = self._previous
-        elif not self._installed:
+        if not self._installed:
             self._hook.finite = self._previous
-        else:
-            hooks = self.model._forward_pre_hooks
-            for key in [k for k, h in hooks.items() if h is self._hook]:
-                del hooks[key]
-                self.model._forward_pre_hooks_with_kwargs.pop(key, None)
+            return
+        hooks = self.model._forward_pre_hooks
+        for key in [k for k, h in hooks.items() if h is self._hook]:
+            del hooks[key]
+            self.model._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def add_input_checks(model: nn.Module, finite: bool = False) -> InputChecks:
     """Make ``model`` refuse bad inputs with a clear :class:`InputError` (wrong layout, dtype, channel count,
-    empty batch, wrong size for a fixed-size model; with ``finite`` also NaN/Inf).
-
-    StagedBackbone models check every input already, so for them only ``finite`` is set (``check_finite``);
-    any other model gets a forward-pre-hook. Calling it again updates the settings instead of stacking hooks."""
-    from .models.staged import StagedBackbone
-
-    if isinstance(model, StagedBackbone):
-        previous = model.check_finite
-        model.check_finite = finite
-        return InputChecks(model, finite, None, previous, installed=False)
+    empty batch, wrong size for a fixed-size model; with ``finite`` also NaN/Inf), through one
+    forward-pre-hook. Calling it again updates the settings instead of stacking hooks."""
     hook = next((h for h in model._forward_pre_hooks.values() if isinstance(h, _InputCheckHook)), None)
     if hook is not None:
         previous, hook.finite = hook.finite, finite

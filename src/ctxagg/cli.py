@@ -1,39 +1,72 @@
-"""The ``ctxagg`` command: one entry point with a subcommand per tool."""
+"""The ``ctxagg`` command (also ``python -m ctxagg``): one entry point with a subcommand per tool.
+
+This module only parses arguments and dispatches to the package (train/, bench/, analysis/, export/); it prints
+what the library returns. Errors the library raises on purpose (:class:`ctxagg.errors.CtxaggError`, input
+errors, file-system errors) become one ``error: ...`` line and exit code 2; ``--debug`` or ``CTXAGG_DEBUG=1``
+shows their traceback. Any other exception (a bug, in ctxagg or inside torch) keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
-__all__ = ["main", "resolve_model_name"]
+from .checks import InputError
+from .errors import ConfigError, CtxaggError, RunExistsError
+from .models import resolve_model_name
+
+__all__ = ["main", "build_parser", "resolve_model_name", "LIBRARY_ERRORS"]
+
+# what `main` reports in one line: the library's own errors, bad inputs, and the file system's (a full disk,
+# a missing path: the message names the file)
+LIBRARY_ERRORS = (CtxaggError, InputError, OSError)
+BENCH_TOOLS = ("throughput", "sweep", "deploy")
 
 
-def resolve_model_name(name: str) -> str:
-    """Return ``name`` if ctxagg or timm registers it, else exit with the nearest registered names."""
-    import timm
+def _csv(text: str, kind: Callable = str) -> list:
+    return [kind(part.strip()) for part in text.split(",") if part.strip()]
 
-    import ctxagg  # noqa: F401  (registers the models)
-    from ctxagg.models import model_names
 
-    if name in timm.list_models():
-        return name
-    ours = model_names()
-    close = difflib.get_close_matches(name, ours, n=5, cutoff=0.5) or difflib.get_close_matches(
-        name, timm.list_models(), n=5, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise SystemExit(f"error: unknown model {name!r}.{hint} (`ctxagg models --no-flops` lists ctxagg's models)")
+def _models(text: str) -> list[str]:
+    return [resolve_model_name(m) for m in _csv(text)]
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old flag spelling: still works, with a note naming the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated; use --{self.dest.replace('_', '-')}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_output(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
+    """``--output`` (old spelling ``--out`` accepted) and ``--overwrite``, the same in every subcommand."""
+    p.add_argument("--output", required=required, help=help)
+    p.add_argument("--out", dest="output", action=_DeprecatedAlias, help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what an earlier command wrote there (default: refuse and say what is there)")
+
+
+def _add_parser(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, **kwargs)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error (also: CTXAGG_DEBUG=1)")
+    return p
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from ctxagg.bench.zoo import format_table, model_rows
 
+    if args.json and os.path.exists(args.json) and not args.overwrite:
+        raise RunExistsError(f"--json {args.json} already exists; nothing was changed. Use another path or "
+                             "--overwrite to replace it")
     rows = model_rows(args.filter or ["*"], flops=not args.no_flops, img_size=args.img_size,
                       activations=not args.no_activations, throughput=args.throughput,
                       throughput_batch=args.throughput_batch)
     if not rows:
-        raise SystemExit(f"error: no registered model matches {args.filter}")
+        raise ConfigError(f"no registered model matches {args.filter}")
     print(format_table(rows, args.img_size))
     if args.json:
         with open(args.json, "w") as f:
@@ -43,9 +76,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="the model zoo: measured params and GMACs next to the papers' numbers",
-                       description="Build every registered model, count its parameters and measure its "
-                                   "multiply-accumulates with one forward pass (torch.utils.flop_counter).")
+    p = _add_parser(sub, "models", help="the model zoo: measured params and GMACs next to the papers' numbers",
+                    description="Build every registered model, count its parameters and measure its "
+                                "multiply-accumulates with one forward pass (torch.utils.flop_counter).")
     p.add_argument("filter", nargs="*", help="glob patterns of model names (default: all)")
     p.add_argument("--no-flops", action="store_true", help="skip the forward pass that measures GMACs")
     p.add_argument("--img-size", type=int, default=224, help="input size for the MACs measurement")
@@ -55,114 +88,92 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
                    help="also measure fp32 images/s on this machine (slow: a few forward passes per model)")
     p.add_argument("--throughput-batch", type=int, default=1, help="batch size of the throughput measurement")
     p.add_argument("--json", help="also write the rows as JSON to this path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=_cmd_models)
-
-
-def _csv(text: str, kind: Callable = str) -> list:
-    return [kind(part.strip()) for part in text.split(",") if part.strip()]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
+    from ctxagg.bench import commands
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.compare_eager:
-        return _cmd_compare_eager(args)
-    if args.sweep == "resolution":
-        return _bench_sweep(args)
-    from ctxagg.bench.throughput import benchmark_grid, format_results, write_results
-
-    models = [resolve_model_name(m) for m in _csv(args.models or "container_light")]
-    rows = benchmark_grid(
-        models, _csv(args.batch_sizes or "1", int), _csv(args.img_sizes or "224", int), _csv(args.dtypes),
-        _csv(args.memory_formats), 2 if args.warmup is None else args.warmup,
-        5 if args.repeats is None else args.repeats, args.device, not args.no_memory, args.model_kwargs,
-        progress=lambda r: print(f"  {r['model']} b{r['batch_size']} {r['img_size']}px {r['dtype']} "
-                                 f"{r['memory_format']}: " + (f"error {r['error']}" if r.get("error") else
-                                 f"{r['latency_ms']:.2f} ms, {r['throughput']:.1f} img/s"), flush=True))
-    print(format_results(rows))
-    paths = write_results(rows, args.out, meta=dict(model_kwargs=args.model_kwargs))
-    print("wrote " + ", ".join(map(str, paths)))
-    return 1 if all(r.get("error") for r in rows) else 0
+    if args.tool == "sweep":
+        report = commands.run_sweep(_csv(args.img_sizes, int), args.batch_size, _csv(args.families), args.warmup,
+                                    args.repeats, args.max_seconds, args.device, args.output, args.overwrite)
+    elif args.tool == "deploy":
+        report = commands.run_deploy(_models(args.models) if args.models else None, args.batch_size, args.img_size,
+                                     args.warmup, args.repeats, not args.no_compile, args.output, args.overwrite)
+    else:
+        report = commands.run_throughput(
+            _models(args.models), _csv(args.batch_sizes, int), _csv(args.img_sizes, int), _csv(args.dtypes),
+            _csv(args.memory_formats), args.warmup, args.repeats, args.device, not args.no_memory,
+            args.model_kwargs, args.output, args.overwrite)
+    print("wrote " + ", ".join(report["files"]))
+    return 1 if args.tool == "throughput" and all(r.get("error") for r in report["rows"]) else 0
 
 
-def _bench_sweep(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from ctxagg.bench.sweep import format_sweep, plot_sweep, resolution_sweep
-
-    sizes = _csv(args.img_sizes or "224,320,448,640,800", int)
-    batch = _csv(args.batch_sizes or "16", int)[0]
-    families = _csv(args.families)
-    print(f"resolution sweep {families}, batch {batch}, sizes {sizes}, {args.device}, "
-          f"{torch.get_num_threads()} threads, {args.max_seconds:g} s budget a pass", flush=True)
-    rows = resolution_sweep(sizes, batch, families, 1 if args.warmup is None else args.warmup,
-                            3 if args.repeats is None else args.repeats, args.max_seconds, args.device,
-                            progress=lambda r: print(f"  {r['model']} {r['size']}px: {r['status']}", flush=True))
-    print(format_sweep(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(batch=batch, sizes=sizes, device=args.device, threads=torch.get_num_threads(),
-                torch=torch.__version__, max_seconds=args.max_seconds,
-                memory=("measured: torch.cuda.max_memory_allocated delta" if args.device.startswith("cuda") else
-                        "measured: peak live tensor bytes per ATen op (PeakTensorBytes)")
-                + "; materialised: the same counter on the meta device (SDPA math path)")
-    (out / "sweep_resolution.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    plot_sweep(rows, out / "sweep_resolution.png",
-               title=f"memory and latency vs input size, batch {batch}, {args.device} ({torch.get_num_threads()} threads)")
-    print(f"wrote {out / 'sweep_resolution.json'}, {out / 'sweep_resolution.png'}")
-    return 0
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="throughput, latency and peak memory; --sweep resolution for LinGlos Fig. 4",
-                       description="Measure inference throughput (img/s), latency (median and IQR over --repeats "
-                                   "passes after --warmup) and peak memory of models over batch sizes, resolutions, "
-                                   "dtypes and memory formats. CPU memory is the peak of live tensor bytes counted "
-                                   "per ATen op; CUDA memory is torch.cuda.max_memory_allocated. Writes bench.json, "
-                                   "bench.csv and bench.png.")
-    p.add_argument("--models", help="comma-separated model names (default: container_light)")
-    p.add_argument("--batch-sizes", help="comma-separated (default: 1; sweep: 16)")
-    p.add_argument("--img-sizes", help="comma-separated square sizes (default: 224; sweep: 224,320,448,640,800)")
-    p.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16 (autocast), fp16 (autocast)")
-    p.add_argument("--memory-formats", default="contiguous", help="comma-separated: contiguous, channels_last")
-    p.add_argument("--warmup", type=int, help="untimed passes (default: 2; sweep: 1)")
-    p.add_argument("--repeats", type=int, help="timed passes (default: 5; sweep: up to 3, as many as fit the budget)")
-    p.add_argument("--device", default="cpu")
+def _bench_common(p: argparse.ArgumentParser, warmup: int, repeats: int) -> None:
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed passes (default: {warmup})")
+    p.add_argument("--repeats", type=int, default=repeats, help=f"timed passes (default: {repeats})")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, help="extra model arguments as JSON")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("--sweep", choices=("resolution",),
-                   help="resolution: memory and latency vs input size (LinGlos Fig. 4; Container vs Light)")
-    p.add_argument("--families", default="linglos,container", help="sweep: which comparisons (linglos, container)")
-    p.add_argument("--max-seconds", type=float, default=15.0,
-                   help="sweep: run a size only if its predicted time a pass fits (else predictions only)")
-    p.add_argument("--compare-eager", action="store_true",
-                   help="eager fp32 vs optimised fp32 vs optimised bf16 (default models: container_light, container, "
-                        "linglo_b1, resnet50_lesa, deit_s; batch 32, 224²), with the measured matmul peak")
-    p.add_argument("--no-compile", action="store_true", help="--compare-eager without torch.compile")
-    p.add_argument("--out", default="runs/bench", help="output folder")
+    _add_output(p, "results folder (default: a new runs/bench-<tool>-<YYYYmmdd-HHMMSS>)")
     p.set_defaults(func=_cmd_bench)
 
 
-def _cmd_compare_eager(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = _add_parser(sub, "bench", help="speed and memory: `bench throughput|sweep|deploy`",
+                    description="Three measuring tools; each writes its numbers to a results folder.")
+    tools = p.add_subparsers(dest="tool", required=True, metavar="{throughput,sweep,deploy}")
+    t = _add_parser(tools, "throughput", help="img/s, latency (median, IQR) and peak memory over a grid",
+                    description="Inference throughput, latency over --repeats passes after --warmup, and peak "
+                                "memory (CPU: peak live tensor bytes per ATen op; CUDA: max_memory_allocated) over "
+                                "models × batch sizes × resolutions × dtypes × memory formats. Writes bench.json, "
+                                "bench.csv, bench.png.")
+    t.add_argument("--models", default="container_light", help="comma-separated model names")
+    t.add_argument("--batch-sizes", default="1", help="comma-separated")
+    t.add_argument("--img-sizes", default="224", help="comma-separated square sizes")
+    t.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16 (autocast), fp16 (autocast)")
+    t.add_argument("--memory-formats", default="contiguous", help="comma-separated: contiguous, channels_last")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--model-kwargs", type=json.loads, default={}, help="extra model arguments as JSON")
+    t.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    _bench_common(t, warmup=2, repeats=5)
+    s = _add_parser(tools, "sweep", help="memory and latency vs input size (LinGlos Fig. 4; Container vs Light)",
+                    description="Predicted GMACs and materialised-attention memory at every size; measured "
+                                "latency and peak memory where a pass fits --max-seconds. Writes "
+                                "sweep_resolution.json and sweep_resolution.png.")
+    s.add_argument("--img-sizes", default="224,320,448,640,800", help="comma-separated square sizes")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--families", default="linglos,container", help="which comparisons: linglos, container")
+    s.add_argument("--max-seconds", type=float, default=15.0,
+                   help="run a size only if its predicted time a pass fits (else predictions only)")
+    s.add_argument("--device", default="cpu")
+    _bench_common(s, warmup=1, repeats=3)
+    d = _add_parser(tools, "deploy", help="eager fp32 vs optimised fp32 / bf16, as a fraction of matmul peak",
+                    description="Eager fp32 vs the deploy path (re-parameterised, torch.compile, fp32 and bf16) "
+                                "with the machine's measured matmul peak. Writes compare_eager.json.")
+    d.add_argument("--models", help="comma-separated (default: container_light, container, linglo_b1, "
+                                    "resnet50_lesa, deit_s)")
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--img-size", type=int, default=224)
+    d.add_argument("--no-compile", action="store_true", help="without torch.compile")
+    _bench_common(d, warmup=1, repeats=3)
 
-    from ctxagg.bench.deploy_compare import DEFAULT_MODELS, compare_eager
 
-    models = [resolve_model_name(m.strip()) for m in args.models.split(",")] if args.models else list(DEFAULT_MODELS)
-    batch = int(args.batch_sizes.split(",")[0]) if args.batch_sizes else 32
-    size = int(args.img_sizes.split(",")[0]) if args.img_sizes else 224
-    result = compare_eager(models, batch, size, warmup=args.warmup or 1, repeats=args.repeats or 3,
-                           compile=not args.no_compile)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_eager.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'compare_eager.json'}")
-    return 0
+def _old_bench_usage(argv: Sequence[str]) -> Optional[str]:
+    """The message for the pre-subcommand form ``ctxagg bench --sweep ... / --compare-eager / --models ...``."""
+    words = [a for a in argv if a != "--debug"]
+    if not words or words[0] != "bench" or len(words) < 2 or words[1] in BENCH_TOOLS or words[1] in ("-h", "--help"):
+        return None
+    if not words[1].startswith("-"):
+        return None  # argparse names the unknown tool
+    tool = "sweep" if "--sweep" in words else "deploy" if "--compare-eager" in words else "throughput"
+    return (f"error: `ctxagg bench` now takes a tool first: ctxagg bench {{{','.join(BENCH_TOOLS)}}} [options]. "
+            f"For these options use `ctxagg bench {tool} ...` (--sweep resolution is `bench sweep`, "
+            "--compare-eager is `bench deploy`, --out is --output); `ctxagg bench TOOL --help` lists each tool's "
+            "options")
 
 
 def _parse_query(text: str) -> tuple[int, int]:
@@ -179,24 +190,24 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.model:
         resolve_model_name(args.model)
     if not args.model and not args.checkpoint:
-        raise SystemExit("error: give --model or --checkpoint")
-    report = run_inspect(args.model, args.image, args.out, args.checkpoint, args.query or None, args.radius,
-                         args.img_size, args.model_kwargs, args.max_heads)
+        raise ConfigError("give --model or --checkpoint")
+    report = run_inspect(args.model, args.image, args.output, args.checkpoint, args.query or None, args.radius,
+                         args.img_size, args.model_kwargs, args.max_heads, args.overwrite)
     print(report["summary"])
     print("wrote " + ", ".join(report["files"]))
     return 0
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="affinity maps, mixture weights, locality and LESA shares of a model",
-                       description="Capture every block's affinity for one image and render: static affinity of "
-                                   "query positions per layer (Container Fig. 1 right), attention maps per head, "
-                                   "mixture weights α/β, a locality score per layer, and LESA's unary/binary "
-                                   "shares (LESA Tables 1-2). PNGs plus inspect.json.")
+    p = _add_parser(sub, "inspect", help="affinity maps, mixture weights, locality and LESA shares of a model",
+                    description="Capture every block's affinity for one image and render: static affinity of "
+                                "query positions per layer (Container Fig. 1 right), attention maps per head, "
+                                "mixture weights α/β, a locality score per layer, and LESA's unary/binary "
+                                "shares (LESA Tables 1-2). PNGs plus inspect.json.")
     p.add_argument("--model", help="model name (default: the checkpoint's)")
     p.add_argument("--checkpoint", help="model_best.safetensors from `ctxagg train` (or its run folder)")
     p.add_argument("--image", required=True, help="any PNG/JPEG; resized to the model's input size")
-    p.add_argument("--out", default="runs/inspect", help="output folder")
+    _add_output(p, "output folder (default: a new runs/inspect-<model>-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--query", type=_parse_query, nargs="*", help="query positions 'y,x' in input pixels "
                                                                  "(default: centre and two quarter points)")
     p.add_argument("--radius", type=int, default=1, help="locality radius r in tokens (Chebyshev)")
@@ -207,39 +218,20 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field (``--batch-size`` for ``batch_size``), typed from its default."""
-    import dataclasses
-    import typing
-
+    """One flag per TrainConfig field (``--batch-size`` for ``batch_size``), typed from its annotation."""
+    from ctxagg.flags import add_dataclass_flags
     from ctxagg.train.config import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "model_kwargs":
-            p.add_argument(flag, type=json.loads, default={}, help="extra model arguments as JSON")
-            continue
-        kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
-        if kind is bool and f.default:
-            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", default=True)
-        elif kind is bool:
-            p.add_argument(flag, action="store_true", default=False)
-        else:
-            default = f.default
-            p.add_argument(flag, type=kind, default=default,
-                           help=f"default: {default if default is not None else 'from the recipe'}")
+    add_dataclass_flags(p, TrainConfig, skip=skip, none_help="from the recipe")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run an explicit --output holds (default: refuse and say what is there)")
 
 
 def _config_from(args: argparse.Namespace, **overrides):
-    import dataclasses
-
+    from ctxagg.flags import dataclass_values
     from ctxagg.train.config import TrainConfig
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig(**dataclass_values(TrainConfig, args, **overrides))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -247,23 +239,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     resolve_model_name(args.model)
     cfg = _config_from(args).validate()
-    result = train(cfg, resume=args.resume)
-    out = result.output
-    last = result.history[-1]
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    out, last = result.output, result.history[-1]
     print(f"\n{cfg.model} on {cfg.data}: best val top-1 {result.best_top1:.2f}% "
           f"(last epoch {last['val_top1']:.2f}%, top-5 {last['val_top5']:.2f}%)")
+    print(f"run folder: {out}")
     print(f"checkpoint: {out / 'model_best.safetensors'} (resume state: {out / 'last.safetensors'})")
     print(f"metrics:    {out / 'metrics.csv'}\nplot:       {out / 'curves.png'}")
     return 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model on images (embedded default: digits)",
-                       description="Train any registered model with timm's pipeline. DATA: digits (embedded), "
-                                   "imagefolder:PATH, cifar10:PATH, mnist:PATH. Recipes: deit (default), sgd "
-                                   "(LESA ResNets), light (short runs on small data).")
+    p = _add_parser(sub, "train", help="train a model on images (embedded default: digits)",
+                    description="Train any registered model with timm's pipeline. DATA: digits (embedded), "
+                                "imagefolder:PATH, cifar10:PATH, mnist:PATH. Recipes: deit (default), sgd "
+                                "(LESA ResNets), light (short runs on small data). Each run writes to a new "
+                                "folder runs/<model>-<data>-<YYYYmmdd-HHMMSS> (runs/latest points to the newest) "
+                                "unless --output names one.")
     _add_train_options(p)
-    p.add_argument("--resume", help="continue the run in this folder (or from this last.safetensors)")
+    p.add_argument("--resume", help="continue the run in this folder (or from this last.safetensors); it keeps "
+                                    "writing there unless --output names another (new) folder")
     p.set_defaults(func=_cmd_train)
 
 
@@ -273,7 +268,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.model:
         resolve_model_name(args.model)
     r = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.output, args.batch_size, args.split,
-                            args.device, args.amp)
+                            args.device, args.amp, args.overwrite)
     print(f"{r['model']} on {r['data']} ({r['split']}, {r['count']} images): top-1 {r['top1']:.2f}%  "
           f"top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}")
     for name, acc in r["per_class_top1"].items():
@@ -283,12 +278,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained checkpoint: top-1/5, per-class accuracy, confusion matrix")
+    p = _add_parser(sub, "eval", help="evaluate a trained checkpoint: top-1/5, per-class accuracy, confusion matrix")
     p.add_argument("--checkpoint", required=True, help="model_best.safetensors (or a run folder)")
     p.add_argument("--model", help="expected model name (checked against the checkpoint)")
     p.add_argument("--data", help="data SPEC (default: the one the run trained on)")
     p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--output", help="folder for confusion.png and eval.json (default: next to the checkpoint)")
+    _add_output(p, "folder for confusion.png and eval.json (default: a new eval-<split>[-N] next to the checkpoint)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
@@ -298,66 +293,52 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from ctxagg.train.compare import compare
 
-    models = [resolve_model_name(m.strip()) for m in args.models.split(",") if m.strip()]
-    fractions = [float(f) for f in args.fractions.split(",")]
-    base = _config_from(args, model=models[0]).validate()
-    compare(models, base, fractions, args.output)
-    print(f"table: {args.output}/compare.md  plot: {args.output}/compare.png")
+    models = _models(args.models)
+    base = _config_from(args, model=models[0], output=None).validate()
+    result = compare(models, base, _csv(args.fractions, float), args.output, overwrite=args.overwrite)
+    print(f"table: {result['output']}/compare.md  plot: {result['output']}/compare.png")
     return 0
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="train several models on fixed-seed data fractions; table + plots",
-                       description="The small-scale counterpart of Container Table 3 (data efficiency) and "
-                                   "Figure 1 (convergence).")
+    p = _add_parser(sub, "compare", help="train several models on fixed-seed data fractions; table + plots",
+                    description="The small-scale counterpart of Container Table 3 (data efficiency) and "
+                                "Figure 1 (convergence). Writes to a new runs/compare-<YYYYmmdd-HHMMSS> unless "
+                                "--output names a folder.")
     p.add_argument("--models", required=True, help="comma-separated model names")
     p.add_argument("--fractions", default="0.1,0.5,1.0", help="comma-separated training-data fractions")
     _add_train_options(p, skip=("model", "fraction"))
-    p.set_defaults(func=_cmd_compare, output="runs/compare")
+    p.set_defaults(func=_cmd_compare)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import timm
+    from ctxagg.export import run_export
 
-    from ctxagg.export import export_model, reparameterize
-
-    if args.checkpoint:
-        from ctxagg.train.engine import load_trained_model
-
-        model, cfg, _, _ = load_trained_model(args.checkpoint, args.model, purpose="export")
-        size = args.img_size or cfg.img_size
-    else:
-        if not args.model:
-            raise ValueError("pass --model NAME (and optionally --checkpoint from `ctxagg train`)")
-        model = timm.create_model(resolve_model_name(args.model), **args.model_kwargs)
-        size = args.img_size or model.pretrained_cfg["input_size"][-1]
-    model = reparameterize(model) if not args.no_reparameterize else model.eval()
-    report = export_model(model, args.output, args.format, img_size=(size, size),
-                          dynamic_spatial=False if args.static_spatial else None)
+    if args.model:
+        resolve_model_name(args.model)
+    report = run_export(args.output, args.model, args.checkpoint, args.format, args.img_size, args.static_spatial,
+                        not args.no_reparameterize, args.model_kwargs, args.overwrite)
     errors = ", ".join(f"{e:.1e}" for e in report["max_abs_error"])
     print(f"exported {args.format} to {report['path']} (dynamic batch; dynamic H, W: {report['dynamic_spatial']}); "
           f"max |export − PyTorch| over the check inputs: {errors}")
     if report.get("note"):
         print(f"note: {report['note']}")
-    from pathlib import Path
-
-    data = Path(report["path"] + ".data")
-    if data.exists():
-        print(f"the weights are in {data} (ONNX external data): keep it next to {Path(report['path']).name}")
+    if report.get("data_file"):
+        print(f"the weights are in {report['data_file']} (ONNX external data): keep it next to {report['path']}")
     return 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     from ctxagg.export import FORMATS
 
-    p = sub.add_parser("export", help="re-parameterise and export to ONNX / TorchScript / torch.export, verified",
-                       description="Re-parameterise (exact folds), export with a dynamic batch axis (and dynamic "
-                                   "H, W in multiples of 32 where the model allows), then check the export against "
-                                   "PyTorch (ONNX: in onnxruntime) on other batch sizes and image sizes.")
+    p = _add_parser(sub, "export", help="re-parameterise and export to ONNX / TorchScript / torch.export, verified",
+                    description="Re-parameterise (exact folds), export with a dynamic batch axis (and dynamic "
+                                "H, W in multiples of 32 where the model allows), then check the export against "
+                                "PyTorch (ONNX: in onnxruntime) on other batch sizes and image sizes.")
     p.add_argument("--model", help="registered model name")
     p.add_argument("--checkpoint", help="a model_best.safetensors from `ctxagg train` (model rebuilt from it)")
     p.add_argument("--format", choices=FORMATS, default="onnx")
-    p.add_argument("--output", required=True, help="file to write (.onnx, .pt, or .pt2 for exported-program)")
+    _add_output(p, "file to write (.onnx, .pt, or .pt2 for exported-program)", required=True)
     p.add_argument("--img-size", type=int, help="export size (default: the model's / run's)")
     p.add_argument("--static-spatial", action="store_true", help="fix H, W (the batch axis stays dynamic)")
     p.add_argument("--no-reparameterize", action="store_true", help="export the training-form model")
@@ -365,13 +346,26 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_export)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_train, _add_eval, _add_compare,
-                                                                   _add_bench, _add_inspect, _add_export]
+def _add_ssl(sub: argparse._SubParsersAction) -> None:
+    from ctxagg.ssl.cli import add_ssl_subcommands
+
+    add_ssl_subcommands(sub)
+
+
+def _add_dense(sub: argparse._SubParsersAction) -> None:
+    from ctxagg.dense.cli import add_dense_subcommands
+
+    add_dense_subcommands(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_models, _add_train, _add_eval, _add_compare, _add_bench, _add_inspect, _add_export, _add_ssl, _add_dense]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctxagg", description="Spatial mixers as affinity matrices: "
                                      "model zoo, training, evaluation, benchmarks, analysis, export.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: CTXAGG_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
@@ -379,13 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ctxagg.train.engine import NonFiniteLossError
-
+    """Run one subcommand; returns the exit code (2: an error the library reported in one line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    old_usage = _old_bench_usage(argv)
+    if old_usage:
+        print(old_usage, file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, NonFiniteLossError) as exc:  # bad input or a run fault (non-finite loss, disk
-        # full): the message says what and where; no traceback
+    except LIBRARY_ERRORS as exc:
+        if args.debug or os.environ.get("CTXAGG_DEBUG", "") not in ("", "0"):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

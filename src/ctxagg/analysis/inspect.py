@@ -23,11 +23,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+from ..runs import output_dir, refuse_existing
 from .affinity_maps import (AffinityCall, call_rows, capture_affinity_calls, layer_statistics, mixture_weights,
                             query_token, rows_to_grid)
 from .lesa import attention_layers, diagonal_shares, fusion_weight_shares, mean_share
 
-__all__ = ["load_model", "load_image", "inspect_model", "render", "run_inspect"]
+__all__ = ["load_model", "load_image", "inspect_model", "render", "run_inspect", "INSPECT_OUTPUTS"]
+
+INSPECT_OUTPUTS = ("static_affinity.png", "dynamic_attention.png", "mixture_weights.png", "locality.png",
+                   "lesa_shares.png", "inspect.json")
 
 
 def load_model(name: Optional[str] = None, checkpoint: Optional[str] = None, img_size: Optional[int] = None,
@@ -42,14 +47,14 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[str] = None, img
     import ctxagg  # noqa: F401  (registers the models)
 
     if checkpoint:
-        from ..train.engine import load_trained_model
+        from ..train.model import load_trained_model
 
         model, cfg, meta, path = load_trained_model(checkpoint, name or None, purpose="inspect")
         info = dict(name=cfg.model, checkpoint=str(path), img_size=cfg.img_size, mean=meta["mean"], std=meta["std"],
                     classes=meta.get("classes"))
     else:
         if not name:
-            raise ValueError("give a model name or a checkpoint")
+            raise ConfigError("give a model name or a checkpoint")
         kwargs = dict(model_kwargs or {})
         if img_size and timm.get_pretrained_cfg_value(name, "fixed_input_size"):
             kwargs.setdefault("img_size", img_size)
@@ -67,7 +72,7 @@ def load_image(path: str, img_size: int, mean: Sequence[float], std: Sequence[fl
     """(1, 3, S, S) normalised input (resize + centre crop, as `ctxagg eval`) and the RGB image it shows, in [0, 1]."""
     from PIL import Image
 
-    from ..train.engine import build_eval_transform
+    from ..train.model import build_eval_transform
 
     with Image.open(path) as img:
         x = build_eval_transform(img_size, tuple(mean), tuple(std))(img.convert("RGB")).unsqueeze(0)
@@ -299,15 +304,20 @@ def _summary(numbers: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_inspect(model: Optional[str], image: str, out: str = "runs/inspect", checkpoint: Optional[str] = None,
+def run_inspect(model: Optional[str], image: str, out: Optional[str] = None, checkpoint: Optional[str] = None,
                 queries: Optional[Sequence[Sequence[int]]] = None, radius: int = 1, img_size: Optional[int] = None,
-                model_kwargs: Optional[dict[str, Any]] = None, max_heads: int = 8) -> dict[str, Any]:
-    """Load (see :func:`load_model`), inspect one image and write PNGs + ``inspect.json`` to ``out``.
-    Returns the numbers with ``files`` (paths written) and ``summary`` (a printable table)."""
+                model_kwargs: Optional[dict[str, Any]] = None, max_heads: int = 8, overwrite: bool = False
+                ) -> dict[str, Any]:
+    """Load (see :func:`load_model`), inspect one image and write PNGs + ``inspect.json`` to ``out`` (default: a
+    new ``runs/inspect-<model>-<YYYYmmdd-HHMMSS>``; an existing folder holding results is refused unless
+    ``overwrite``). Returns the numbers with ``files`` (paths written) and ``summary`` (a printable table)."""
+    if out is not None:
+        refuse_existing(out, overwrite, outputs=INSPECT_OUTPUTS)  # before any work
     net, info = load_model(model, checkpoint, img_size, model_kwargs)
     x, shown = load_image(image, info["img_size"], info["mean"], info["std"])
     result = inspect_model(net, x, queries, radius, max_heads=max_heads, classes=info["classes"])
     numbers = result["numbers"]
     numbers.update(model=info["name"], checkpoint=info["checkpoint"], image=str(image), img_size=info["img_size"])
-    files = render(result, shown, Path(out), info["name"])
-    return dict(numbers, files=[str(f) for f in files], summary=_summary(numbers))
+    folder = output_dir(out, "inspect", info["name"], overwrite=overwrite, outputs=INSPECT_OUTPUTS)
+    files = render(result, shown, folder, info["name"])
+    return dict(numbers, files=[str(f) for f in files], summary=_summary(numbers), output=str(folder))

@@ -32,6 +32,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..errors import ConfigError
+
 __all__ = ["PeakTensorBytes", "peak_tensor_bytes", "benchmark", "benchmark_grid", "build_bench_model",
            "time_passes", "summarise_times", "write_results", "format_results", "DTYPES", "MEMORY_FORMATS"]
 
@@ -139,7 +141,7 @@ def summarise_times(times_ms: Sequence[float], batch_size: int) -> dict[str, flo
 
 def _autocast(device: torch.device, dtype: str):
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return nullcontext() if DTYPES[dtype] is None else torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
@@ -156,9 +158,9 @@ def benchmark(model: Union[str, nn.Module], batch_size: int = 1, img_size: int =
     timing keys; ``peak_mb`` is None when ``memory`` is off).
     """
     if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"unknown memory format {memory_format!r}; choose one of {sorted(MEMORY_FORMATS)}")
+        raise ConfigError(f"unknown memory format {memory_format!r}; choose one of {sorted(MEMORY_FORMATS)}")
     if repeats < 1 or warmup < 0 or batch_size < 1:
-        raise ValueError("need repeats >= 1, warmup >= 0 and batch_size >= 1")
+        raise ConfigError("need repeats >= 1, warmup >= 0 and batch_size >= 1")
     dev = torch.device(device)
     name = label or (model if isinstance(model, str) else getattr(model, "model_name", type(model).__name__))
     net = build_bench_model(model, img_size, **(model_kwargs or {})) if isinstance(model, str) else model

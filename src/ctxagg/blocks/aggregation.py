@@ -7,8 +7,9 @@ import torch
 from timm.layers import ConvMlp, DropPath, Mlp
 from torch import Tensor, nn
 
-from ..affinity import Affinity, AffinityMixture, DepthwiseConvAffinity
-from ..layers.fold import add_identity_to_depthwise, fold_bn_into_next_conv
+from ..affinity import Affinity
+from ..layers.fold import fold_bn_into_next_conv
+from ..layers.pos_embed import ConvPosEnc
 
 __all__ = ["AggregationBlock", "TokenAggregationBlock"]
 
@@ -16,8 +17,8 @@ __all__ = ["AggregationBlock", "TokenAggregationBlock"]
 class AggregationBlock(nn.Module):
     """``x += pos(x); x += W_out(A·V); x += MLP(norm2(x))`` on NCHW feature maps (Container §3.3-3.4).
 
-    As in the official Container code: a 3×3 depthwise positional conv (with its own residual), a
-    BatchNorm before the spatial aggregation and before the 2-layer 1×1-conv MLP, a 1×1 ``proj_in``
+    As in the official Container code: a 3×3 depthwise positional conv with its own residual (``pos_kernel=0``:
+    none), a BatchNorm before the spatial aggregation and before the 2-layer 1×1-conv MLP, a 1×1 ``proj_in``
     producing V (and Q, K in that channel order when the affinity is dynamic) and a 1×1 ``proj_out``.
     """
 
@@ -25,8 +26,7 @@ class AggregationBlock(nn.Module):
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
                  act_layer: Callable[..., nn.Module] = nn.GELU, drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
-        self.pos_embed = nn.Conv2d(dim, dim, pos_kernel, padding=pos_kernel // 2, groups=dim) if pos_kernel else None
-        self.pos_residual = True  # False once the residual is folded into pos_embed (reparameterize)
+        self.pos_embed = ConvPosEnc(dim, pos_kernel) if pos_kernel else nn.Identity()  # x + dw(x)
         self.norm1 = norm_layer(dim)
         self.proj_in = nn.Conv2d(dim, dim * (3 if affinity.dynamic else 1), 1)
         self.affinity = affinity
@@ -47,32 +47,26 @@ class AggregationBlock(nn.Module):
         return y, None, None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(x) if self.pos_residual else self.pos_embed(x)
+        x = self.pos_embed(x)
         v, q, k = self.affinity_inputs(x)
         x = x + self.drop_path1(self.proj_drop(self.proj_out(self.affinity(v, q, k))))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold for deployment (eval mode; found by ``timm.utils.reparameterize_model``), all exact:
-        ``x + dw3(x)`` into one depthwise conv; the BatchNorms into the 1×1 ``proj_in`` and MLP ``fc1``
-        that follow them; a static depthwise affinity's bias (times β in a mixture) into ``proj_out``."""
-        if self.pos_embed is not None and self.pos_residual:
-            add_identity_to_depthwise(self.pos_embed)
-            self.pos_residual = False
+        """Fold for deployment (eval mode; found by ``timm.utils.reparameterize_model``), all exact: the
+        BatchNorms into the 1×1 ``proj_in`` and MLP ``fc1`` that follow them, and the constant offset the
+        affinity pops (:meth:`~ctxagg.affinity.Affinity.pop_bias`, e.g. a depthwise bias times β) into
+        ``proj_out``. The positional conv folds its own residual (:class:`~ctxagg.layers.ConvPosEnc`)."""
         if isinstance(self.norm1, nn.BatchNorm2d):
             fold_bn_into_next_conv(self.norm1, self.proj_in)
             self.norm1 = nn.Identity()
         if isinstance(self.norm2, nn.BatchNorm2d):
             fold_bn_into_next_conv(self.norm2, self.mlp.fc1)
             self.norm2 = nn.Identity()
-        static, weight = self.affinity, 1.0
-        if isinstance(static, AffinityMixture):
-            static, weight = static.static_affinity, static.weights()[1]
-        if isinstance(static, DepthwiseConvAffinity) and static.bias is not None:
-            self.proj_out.bias.add_(self.proj_out.weight[:, :, 0, 0] @ (weight * static.bias))
-            static.bias = None
+        bias = self.affinity.pop_bias()
+        if bias is not None:
+            self.proj_out.bias.add_(self.proj_out.weight[:, :, 0, 0] @ bias)
 
 
 class TokenAggregationBlock(nn.Module):

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["export_model", "FORMATS", "verify_onnx", "supports_dynamic_spatial"]
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -70,14 +72,14 @@ def export_model(model: nn.Module, path: str, fmt: str = "onnx", img_size: Seque
     stride when ``dynamic_spatial``; default: on unless the model has a fixed input size or the export size is
     under two strides) and check the result."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
     model = model.eval()
     stride = stride or total_stride(model)
     if dynamic_spatial is None:
         dynamic_spatial = supports_dynamic_spatial(model) and min(img_size) >= 2 * stride
     out = Path(path)
     if fmt == "exported-program" and out.suffix != ".pt2":
-        raise ValueError(f"torch.export programs are saved as .pt2 archives, got {out.name!r}")
+        raise ConfigError(f"torch.export programs are saved as .pt2 archives, got {out.name!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     h, w = img_size
     example = torch.randn(2, in_chans, h, w)

@@ -1,4 +1,6 @@
-"""Layers blocks need besides affinities (positional encodings, patch embeddings, norms)."""
-from .patch_embed import ConvPatchEmbed
+"""Layers blocks need besides affinities (positional encodings, downsampling, folds)."""
+from .patch_embed import ConvDownsample
+from .pos_embed import AbsolutePosEmbed, ConvPosEnc
+from .rep_cpe import CPE_MODES, RepConditionalPosEnc
 
-__all__ = ["ConvPatchEmbed"]
+__all__ = ["ConvDownsample", "AbsolutePosEmbed", "ConvPosEnc", "CPE_MODES", "RepConditionalPosEnc"]

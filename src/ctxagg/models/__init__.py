@@ -1,14 +1,17 @@
 """Model families, registered in timm's registry on import (one file per family)."""
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import timm
 
+from ..errors import ConfigError
+
 from . import container, lesa, linglos, swin, vit
 from .container import ContainerNet
 
-__all__ = ["ContainerNet", "container", "lesa", "linglos", "swin", "vit", "model_names", "paper_numbers"]
+__all__ = ["ContainerNet", "container", "lesa", "linglos", "swin", "vit", "model_names", "paper_numbers", "resolve_model_name"]
 
 _FAMILIES = (container, lesa, linglos, swin, vit)
 
@@ -32,3 +35,13 @@ def paper_numbers() -> dict[str, dict[str, Any]]:
     for family in _FAMILIES:
         out.update(getattr(family, "PAPER_NUMBERS", {}))
     return out
+
+
+def resolve_model_name(name: str) -> str:
+    """Return ``name`` if ctxagg or timm registers it, else raise a ConfigError naming the nearest names."""
+    if name in timm.list_models():
+        return name
+    close = difflib.get_close_matches(name, model_names(), n=5, cutoff=0.5) or difflib.get_close_matches(
+        name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown model {name!r}.{hint} (`ctxagg models --no-flops` lists ctxagg's models)")

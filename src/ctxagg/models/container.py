@@ -17,10 +17,10 @@ from timm.models._registry import register_model_deprecations
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ..affinity import AffinityMixture, SelfAttentionAffinity, TokenMlpAffinity, build_affinity
+from ..affinity import Affinity, AffinityMixture, SelfAttentionAffinity, TokenMlpAffinity, build_affinity
 from ..blocks import AggregationBlock, TokenAggregationBlock
-from ..layers import ConvPatchEmbed
-from .staged import Stage, StagedBackbone
+from ..layers import ConvDownsample
+from .staged import Stage, StagedBackbone, stage_info
 
 __all__ = ["ContainerNet", "checkpoint_filter_fn", "to_official_state_dict", "PAPER_NUMBERS", "DEPRECATED_NAMES"]
 
@@ -79,47 +79,30 @@ class ContainerNet(StagedBackbone):
         self.model_name = model_name
         self.mixers = tuple(mixers)
         img_size = to_2tuple(img_size)
-        dpr = [r for stage in calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True) for r in stage]
-        stages, strides, stride, prev_dim, offset = [], [], 1, in_chans, 0
-        fixed = False
-        for i, (spec, dim, depth, patch, ratio) in enumerate(zip(mixers, dims, depths, patch_sizes, mlp_ratios)):
+        dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        block_args = dict(pos_kernel=pos_kernel, drop=proj_drop_rate)
+        affinity_args = dict(attn_norm=attn_norm, attn_drop=attn_drop_rate, gate=gate)
+        self.stem = ConvDownsample(in_chans, dims[0], patch_sizes[0])
+        stages, self.feature_info, stride = [], [], 1
+        for i, (spec, dim, patch, ratio) in enumerate(zip(mixers, dims, patch_sizes, mlp_ratios)):
+            downsample = nn.Identity() if i == 0 else ConvDownsample(dims[i - 1], dim, patch)
             stride *= patch
-            strides.append(stride)
-            grid = (img_size[0] // stride, img_size[1] // stride)
             rank = mlp_rank if mlp_rank_stages is None or mlp_rank_stages[i] else None  # None: dense
-            context = dict(dim=dim, heads=max(1, dim // head_dim), grid=grid, attn_norm=attn_norm,
-                           attn_drop=attn_drop_rate, gate=gate, mlp_rank=rank)
-            blocks = []
-            for j in range(depth):
-                affinity = build_affinity(spec, **context)
-                fixed = fixed or affinity.fixed_tokens is not None
-                blocks.append(AggregationBlock(dim, affinity, ratio, pos_kernel=pos_kernel, drop=proj_drop_rate,
-                                               drop_path=dpr[offset + j]))
-            offset += depth
-            embed = ConvPatchEmbed(prev_dim, dim, patch)
-            if i == 0:
-                self.stem, embed = embed, nn.Identity()
-            stages.append(Stage(embed, blocks))
-            prev_dim = dim
+            context = dict(affinity_args, dim=dim, heads=max(1, dim // head_dim), mlp_rank=rank,
+                           grid=(img_size[0] // stride, img_size[1] // stride))
+            blocks = [AggregationBlock(dim, build_affinity(spec, **context), ratio, drop_path=rate, **block_args)
+                      for rate in dp_rates[i]]
+            stages.append(Stage(downsample, blocks))
+            self.feature_info.append(stage_info(i, dim, stride))
         self.stages = nn.Sequential(*stages)
+        fixed = any(isinstance(m, Affinity) and m.fixed_tokens is not None for m in self.stages.modules())
         self.fixed_img_size = img_size if fixed else None
-        self.norm = nn.BatchNorm2d(dims[-1])
-        self.feature_info = self.feature_info_for(dims, strides)
-        self.init_head(dims[-1], num_classes, global_pool, drop_rate)
-        self.apply(_init_weights)
+        self.finish_init(nn.BatchNorm2d(dims[-1]), dims[-1], num_classes, global_pool, drop_rate)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Mixture gates are not decayed (their value is the model's choice between A_dyn and A_static)."""
         return {n for n, _ in self.named_parameters() if n.endswith(("gate_logit", ".alpha", ".beta"))}
-
-
-def _init_weights(module: nn.Module) -> None:
-    # As the official release: truncated-normal linear layers, PyTorch defaults for convs and norms.
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 # Official container_v1_light key -> ours, as (official pattern, ours pattern) regex pairs.

@@ -17,6 +17,7 @@ from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
 from ..affinity.lesa import AttentionAugmentedConv, LocallyEnhancedSelfAttention
+from ..checks import add_input_checks
 
 __all__ = ["MixerBottleneck", "LesaResNet", "PAPER_NUMBERS", "MIXERS", "small_input_kwargs"]
 
@@ -118,7 +119,10 @@ def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> LesaResNet:
-    return build_model_with_cfg(LesaResNet, variant, pretrained, **kwargs)
+    """Build a LESA-ResNet row with timm's builder (pretrained cfg, features_only) and the input checks."""
+    model = build_model_with_cfg(LesaResNet, variant, pretrained, **kwargs)
+    add_input_checks(model)  # one forward-pre-hook, as every family
+    return model
 
 
 # Paper-silent: the WRN attention uses factorized (height + width) relative tables: Table 2's WRN counts

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SEModule, calculate_drop_path_rates, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -25,10 +24,11 @@ from torch import Tensor, nn
 
 from ..affinity.attention import SelfAttentionAffinity
 from ..affinity.key_only import KeyOnlyAttention
+from ..layers import AbsolutePosEmbed, ConvDownsample
 from ..layers.rep_cpe import CPE_MODES, RepConditionalPosEnc
-from .staged import Stage, StagedBackbone
+from .staged import Stage, StagedBackbone, stage_info
 
-__all__ = ["LinGloNet", "LinGloBlock", "ConvSEBlock", "LINGLO_VARIANTS", "PAPER_NUMBERS"]
+__all__ = ["LinGloNet", "LinGloBlock", "ConvSEBlock", "PAPER_NUMBERS"]
 
 _LN_EPS = 1e-6  # paper-silent: PVT's LayerNorm eps
 
@@ -46,36 +46,6 @@ PAPER_NUMBERS: dict[str, dict[str, Any]] = {
     "linglo_wo_ch": dict(source="LinGlos §5.4, Fig. 5 (no count given; 'similar to LinGlo-b0')"),
     "linglo_b0_dotprod": dict(source="LinGlos §5.2, Fig. 4 (no count given)"),
 }
-
-
-class ConvDownsample(nn.Module):
-    """Downsampling conv + LayerNorm (LinGlos §3.3: "Layer normalizations are added wherever spatial
-    resolution is changed"); (k, s, p) = (7, 4, 3) first, (3, 2, 1) after (§3.4), or k = s, p = 0 for
-    the non-overlapping patch embeddings of the §5.4 ablations."""
-
-    def __init__(self, in_chans: int, dim: int, kernel_size: int, stride: int, padding: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size, stride=stride, padding=padding)
-        self.norm = LayerNorm2d(dim, eps=_LN_EPS)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.proj(x))
-
-
-class AbsolutePosEmbed(nn.Module):
-    """Learned absolute position embedding added to a feature map, as PVT [10] (LinGlos §5.4, w/o-C).
-    Built for one grid; other input sizes get a bilinearly resized copy (PVT does the same for dense tasks)."""
-
-    def __init__(self, dim: int, grid: tuple[int, int]):
-        super().__init__()
-        self.pos_embed = nn.Parameter(torch.zeros(1, dim, *grid))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-
-    def forward(self, x: Tensor) -> Tensor:
-        pos = self.pos_embed
-        if pos.shape[-2:] != x.shape[-2:]:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return x + pos
 
 
 class TokenMixer(nn.Module):
@@ -203,7 +173,7 @@ class LinGloNet(StagedBackbone):
                  conv_expand_ratio: float = 4.0, qkv_bias: bool = True, img_size: Any = 224, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg", drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 stem: Sequence[int] = (7, 4, 3), model_name: str = "linglo", **kwargs):
+                 stem: Sequence[int] = (7, 4, 3), model_name: str = "linglo_b0", **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"unexpected arguments for {model_name}: {sorted(kwargs)}")
@@ -211,39 +181,28 @@ class LinGloNet(StagedBackbone):
             raise ValueError("dims, depths, heads, mlp_ratios and stage_types need one entry per stage")
         if cpe is not None and cpe not in CPE_MODES:
             raise ValueError(f"unknown cpe {cpe!r}; choose one of {CPE_MODES} or None")
+        if set(stage_types) - {"H", "C"}:
+            raise ValueError(f"stage types must be 'H' or 'C', got {stage_types!r}")
         self.model_name = model_name  # qkv_bias: paper-silent, biased K/V projections as PVT's qkv
         img_size = to_2tuple(img_size)
-        dpr = [r for stage in calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True) for r in stage]
-        stages, strides, stride, prev_dim, offset = [], [], 1, in_chans, 0
-        for i, (dim, depth, head, ratio, kind) in enumerate(zip(dims, depths, heads, mlp_ratios, stage_types)):
-            if patch_sizes is None:
-                kernel, step, pad = tuple(stem) if i == 0 else (3, 2, 1)
-            else:
-                kernel, step, pad = patch_sizes[i], patch_sizes[i], 0
-            stride *= step
-            strides.append(stride)
-            embed = ConvDownsample(prev_dim, dim, kernel, step, pad) if step > 1 or prev_dim != dim else None
+        dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        block_args = dict(attention=attention, cpe=cpe, cpe_branches=cpe_branches, qkv_bias=qkv_bias,
+                          attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
+        convs = [(p, p, 0) for p in patch_sizes] if patch_sizes else [tuple(stem)] + [(3, 2, 1)] * (len(dims) - 1)
+        self.stem = ConvDownsample(in_chans, dims[0], *convs[0], eps=_LN_EPS)
+        stages, self.feature_info, stride = [], [], 1
+        for i, (dim, head, ratio, kind) in enumerate(zip(dims, heads, mlp_ratios, stage_types)):
+            stride *= convs[i][1]
             grid = (img_size[0] // stride, img_size[1] // stride)
-            pos = AbsolutePosEmbed(dim, grid) if abs_pos_embed and embed is not None else None
-            if i == 0:
-                self.stem, embed = embed, None
-            parts = [m for m in (embed, pos) if m is not None]
-            down = nn.Sequential(*parts) if len(parts) == 2 else (parts[0] if parts else nn.Identity())
+            downsample = _downsample(i, dims[i - 1] if i else in_chans, dim, convs[i], grid, abs_pos_embed)
             if kind == "H":
-                blocks = [LinGloBlock(dim, head, ratio, attention, cpe, cpe_branches, qkv_bias, attn_drop_rate,
-                                      proj_drop_rate, dpr[offset + j]) for j in range(depth)]
-            elif kind == "C":
-                blocks = [ConvSEBlock(dim, conv_expand_ratio, dpr[offset + j]) for j in range(depth)]
+                blocks = [LinGloBlock(dim, head, ratio, drop_path=rate, **block_args) for rate in dp_rates[i]]
             else:
-                raise ValueError(f"stage type must be 'H' or 'C', got {kind!r}")
-            offset += depth
-            stages.append(Stage(down, blocks))
-            prev_dim = dim
+                blocks = [ConvSEBlock(dim, conv_expand_ratio, rate) for rate in dp_rates[i]]
+            stages.append(Stage(downsample, blocks))
+            self.feature_info.append(stage_info(i, dim, stride))
         self.stages = nn.Sequential(*stages)
-        self.norm = LayerNorm2d(dims[-1], eps=_LN_EPS)
-        self.feature_info = self.feature_info_for(dims, strides)
-        self.init_head(dims[-1], num_classes, global_pool, drop_rate)
-        self.apply(_init_weights)
+        self.finish_init(LayerNorm2d(dims[-1], eps=_LN_EPS), dims[-1], num_classes, global_pool, drop_rate)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -251,35 +210,16 @@ class LinGloNet(StagedBackbone):
         return {n for n, _ in self.named_parameters() if n.endswith("pos_embed")}
 
 
-def _init_weights(module: nn.Module) -> None:
-    # Paper-silent: as PVT, truncated-normal (std 0.02) linear layers with zero bias; conv/norm defaults.
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-_B0 = dict(dims=(32, 64, 160, 256), depths=(2, 3, 3, 2))
-_B1 = dict(dims=(64, 128, 320, 512), depths=(2, 3, 3, 2))
-_B2 = dict(dims=(64, 128, 320, 512), depths=(3, 5, 9, 3))
-
-# heads (1, 2, 5, 8) and FFN ratios (8, 8, 4, 4) are the LinGloNet defaults (§3.4).
-LINGLO_VARIANTS: dict[str, dict[str, Any]] = {
-    "linglo_b0": _B0,
-    "linglo_b1": _B1,
-    "linglo_b2": _B2,
-    # Table 5: C = stage of conv blocks with SE, H = LinGlo blocks (conv + attention); stage 1 / stages 1-2 as C
-    "linglo_b0_chhh": dict(_B0, stage_types="CHHH"),
-    "linglo_b0_cchh": dict(_B0, stage_types="CCHH"),
-    # §5.4 w/o-C: 4×4 then 2×2 non-overlapping patch embeddings, no RP-CPE, PVT absolute position embeddings
-    "linglo_b0_wo_c": dict(_B0, patch_sizes=(4, 2, 2, 2), cpe=None, abs_pos_embed=True),
-    # §5.4 w/o-CH: one 16×16 patch embedding, 150 channels and 3 heads everywhere; paper-silent: b0's block
-    # counts and FFN ratios kept per (now same-resolution) stage, so only the ablated biases change
-    "linglo_wo_ch": dict(dims=(150,) * 4, depths=(2, 3, 3, 2), heads=(3,) * 4, patch_sizes=(16, 1, 1, 1), cpe=None,
-                         abs_pos_embed=True),
-    # §5.2: every key-only attention of LinGlo-b0 replaced with dot-product attention
-    "linglo_b0_dotprod": dict(_B0, attention="dot"),
-}
+def _downsample(index: int, in_chans: int, dim: int, conv: tuple[int, int, int], grid: tuple[int, int],
+                abs_pos_embed: bool) -> nn.Module:
+    """A stage's input layer: its downsampling conv + LN (stage 0's is the stem, outside the stage; none when
+    the stage keeps resolution and width, as w/o-CH's p = 1 stages) and, for §5.4, PVT's absolute position
+    embedding after every conv."""
+    has_conv = index > 0 and (conv[1] > 1 or in_chans != dim)
+    parts = [ConvDownsample(in_chans, dim, *conv, eps=_LN_EPS)] if has_conv else []
+    if abs_pos_embed and (has_conv or index == 0):
+        parts.append(AbsolutePosEmbed(dim, grid))
+    return nn.Sequential(*parts) if len(parts) == 2 else (parts[0] if parts else nn.Identity())
 
 
 def _cfg(**kwargs) -> dict:
@@ -291,61 +231,81 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    **{name: _cfg() for name in LINGLO_VARIANTS},
+    "linglo_b0": _cfg(),
+    "linglo_b1": _cfg(),
+    "linglo_b2": _cfg(),
+    "linglo_b0_chhh": _cfg(),
+    "linglo_b0_cchh": _cfg(),
+    "linglo_b0_wo_c": _cfg(),
     "linglo_wo_ch": _cfg(pool_size=(14, 14)),
+    "linglo_b0_dotprod": _cfg(),
 })
 
 
 def _create_linglo(variant: str, pretrained: bool = False, **kwargs) -> LinGloNet:
-    args = {**LINGLO_VARIANTS[variant], "model_name": variant, **kwargs}
-    return build_model_with_cfg(LinGloNet, variant, pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **args)
+    return build_model_with_cfg(LinGloNet, variant, pretrained, model_name=variant,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs)
 
+
+# heads (1, 2, 5, 8) and FFN ratios (8, 8, 4, 4) are the LinGloNet defaults (§3.4).
 
 @register_model
 def linglo_b0(pretrained: bool = False, **kwargs) -> LinGloNet:
     """LinGlo-b0, C=(32, 64, 160, 256), B=(2, 3, 3, 2) (linglos.txt §3.4; Table 2: 3.4M)."""
-    return _create_linglo("linglo_b0", pretrained, **kwargs)
+    model_args = dict(dims=(32, 64, 160, 256), depths=(2, 3, 3, 2))
+    return _create_linglo("linglo_b0", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def linglo_b1(pretrained: bool = False, **kwargs) -> LinGloNet:
     """LinGlo-b1, C=(64, 128, 320, 512), B=(2, 3, 3, 2) (linglos.txt §3.4; Table 2: 13.1M)."""
-    return _create_linglo("linglo_b1", pretrained, **kwargs)
+    model_args = dict(dims=(64, 128, 320, 512), depths=(2, 3, 3, 2))
+    return _create_linglo("linglo_b1", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def linglo_b2(pretrained: bool = False, **kwargs) -> LinGloNet:
     """LinGlo-b2, C=(64, 128, 320, 512), B=(3, 5, 9, 3) (linglos.txt §3.4; Table 2: 25.4M)."""
-    return _create_linglo("linglo_b2", pretrained, **kwargs)
+    model_args = dict(dims=(64, 128, 320, 512), depths=(3, 5, 9, 3))
+    return _create_linglo("linglo_b2", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def linglo_b0_chhh(pretrained: bool = False, **kwargs) -> LinGloNet:
-    """C-H-H-H: LinGlo-b0 with stage 1's encoder blocks replaced by conv blocks with SE (§5.1; Table 5: 3.4M)."""
-    return _create_linglo("linglo_b0_chhh", pretrained, **kwargs)
+    """C-H-H-H: LinGlo-b0 with stage 1's encoder blocks replaced by conv blocks with SE (§5.1; Table 5: 3.4M).
+    C = a stage of conv blocks with SE, H = LinGlo blocks (conv + attention)."""
+    model_args = dict(dims=(32, 64, 160, 256), depths=(2, 3, 3, 2), stage_types="CHHH")
+    return _create_linglo("linglo_b0_chhh", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def linglo_b0_cchh(pretrained: bool = False, **kwargs) -> LinGloNet:
     """C-C-H-H: LinGlo-b0 with stages 1-2 as conv blocks with SE (§5.1; Table 5: 3.3M)."""
-    return _create_linglo("linglo_b0_cchh", pretrained, **kwargs)
+    model_args = dict(dims=(32, 64, 160, 256), depths=(2, 3, 3, 2), stage_types="CCHH")
+    return _create_linglo("linglo_b0_cchh", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def linglo_b0_wo_c(pretrained: bool = False, **kwargs) -> LinGloNet:
-    """LinGlo-w/o-C-b0: patch embeddings instead of conv downsampling, no RP-CPE, absolute position
-    embeddings (§5.4, Fig. 5)."""
-    return _create_linglo("linglo_b0_wo_c", pretrained, **kwargs)
+    """LinGlo-w/o-C-b0: 4×4 then 2×2 non-overlapping patch embeddings instead of conv downsampling, no RP-CPE,
+    PVT absolute position embeddings (§5.4, Fig. 5)."""
+    model_args = dict(dims=(32, 64, 160, 256), depths=(2, 3, 3, 2), patch_sizes=(4, 2, 2, 2), cpe=None,
+                      abs_pos_embed=True)
+    return _create_linglo("linglo_b0_wo_c", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def linglo_wo_ch(pretrained: bool = False, **kwargs) -> LinGloNet:
-    """LinGlo-w/o-CH: w/o-C without the hierarchy — one 16×16 patch embedding, 150 channels, 3 heads (§5.4)."""
-    return _create_linglo("linglo_wo_ch", pretrained, **kwargs)
+    """LinGlo-w/o-CH: w/o-C without the hierarchy — one 16×16 patch embedding, 150 channels, 3 heads (§5.4).
+    Paper-silent: b0's block counts and FFN ratios kept per (now same-resolution) stage, so only the ablated
+    biases change."""
+    model_args = dict(dims=(150,) * 4, depths=(2, 3, 3, 2), heads=(3,) * 4, patch_sizes=(16, 1, 1, 1), cpe=None,
+                      abs_pos_embed=True)
+    return _create_linglo("linglo_wo_ch", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def linglo_b0_dotprod(pretrained: bool = False, **kwargs) -> LinGloNet:
     """LinGlo-b0 with dot-product attention in place of every key-only attention (§5.2, Fig. 4)."""
-    return _create_linglo("linglo_b0_dotprod", pretrained, **kwargs)
+    model_args = dict(dims=(32, 64, 160, 256), depths=(2, 3, 3, 2), attention="dot")
+    return _create_linglo("linglo_b0_dotprod", pretrained, **dict(model_args, **kwargs))

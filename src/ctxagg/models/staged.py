@@ -1,4 +1,9 @@
-"""Shared timm plumbing for 4-stage NCHW backbones (``stem`` → ``stages`` → ``norm`` → pool → ``head``)."""
+"""Shared timm plumbing for 4-stage NCHW backbones (``stem`` → ``stages`` → ``norm`` → pool → ``head``).
+
+A family's constructor builds its stages the way timm's convnext.py does (stem before the loop; per stage a
+downsampling layer, blocks with their drop-path rates, a ``feature_info`` entry) and ends with
+:meth:`StagedBackbone.finish_init`: final norm, head, the one weight init and the input-check pre-hook.
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -9,9 +14,23 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import Tensor, nn
 
-from ..checks import check_images
+from ..checks import add_input_checks
 
-__all__ = ["Stage", "StagedBackbone"]
+__all__ = ["Stage", "StagedBackbone", "init_weights", "stage_info"]
+
+
+def init_weights(module: nn.Module) -> None:
+    """The one weight init of the staged families (the official Container release and PVT, which LinGlos
+    follows): truncated-normal (std 0.02) linear layers with zero bias; PyTorch defaults for convs and norms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def stage_info(index: int, dim: int, reduction: int) -> dict:
+    """timm ``feature_info`` entry of stage ``index``."""
+    return dict(num_chs=dim, reduction=reduction, module=f"stages.{index}")
 
 
 class Stage(nn.Module):
@@ -35,13 +54,21 @@ class StagedBackbone(nn.Module):
     ``forward_head(pre_logits=)``, ``reset_classifier``, ``forward_intermediates``,
     ``prune_intermediate_layers``, ``set_grad_checkpointing``, ``group_matcher``, ``feature_info``.
 
-    Subclasses set ``stem``, ``stages`` (nn.Sequential of :class:`Stage`), ``norm`` and call
-    :meth:`init_head`. ``fixed_img_size`` is set by models with fixed-size affinities.
+    Subclasses set ``model_name``, ``stem``, ``stages`` (nn.Sequential of :class:`Stage`), ``feature_info``
+    and ``fixed_img_size`` (models with fixed-size affinities), then call :meth:`finish_init`.
+    Inputs are checked by :func:`ctxagg.checks.add_input_checks`'s forward-pre-hook, as for every family.
     """
 
     fixed_img_size: Optional[tuple[int, int]] = None
     model_name: str = "model"
-    check_finite: bool = False  # also refuse NaN/Inf inputs (reads the whole batch; off by default)
+
+    def finish_init(self, norm: nn.Module, num_features: int, num_classes: int, global_pool: str,
+                    drop_rate: float) -> None:
+        """Final norm and classifier head, the weight init, and the input checks."""
+        self.norm = norm
+        self.init_head(num_features, num_classes, global_pool, drop_rate)
+        self.apply(init_weights)
+        add_input_checks(self)
 
     def init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
         self.num_features = self.head_hidden_size = num_features
@@ -50,13 +77,6 @@ class StagedBackbone(nn.Module):
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def check_input(self, x: Tensor) -> None:
-        """Refuse, naming what was expected: a non-4-D or non-float tensor, an empty batch, the wrong channel
-        count, another size than a fixed-size model was built for and, with ``check_finite`` (or inside
-        ``ctxagg.checks.enable_input_checks()``), NaN/Inf values."""
-        in_chans = self.stem.proj.in_channels if hasattr(self.stem, "proj") else None
-        check_images(x, self.model_name, in_chans, self.fixed_img_size, self.check_finite)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -82,7 +102,6 @@ class StagedBackbone(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: Tensor) -> Tensor:
-        self.check_input(x)
         return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -99,7 +118,6 @@ class StagedBackbone(nn.Module):
         final norm to the last stage's output."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
         last = len(self.stages) - 1
@@ -124,6 +142,3 @@ class StagedBackbone(nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
-
-    def feature_info_for(self, dims: Sequence[int], strides: Sequence[int]) -> list[dict]:
-        return [dict(num_chs=d, reduction=r, module=f"stages.{i}") for i, (d, r) in enumerate(zip(dims, strides))]

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..affinity.attention import ATTENTION_NORMS, SelfAttentionAffinity
 from ..affinity.base import apply_matrix
 from ..affinity.dw_attention import DepthwiseSelfAttention
+from ..checks import add_input_checks
 from ..layers.pos_embed_rel import POS_EMBED_KINDS, RelativePositionBias
 
 __all__ = ["AffinitySwin", "WindowAffinityAttention", "AbsPosPatchEmbed", "PAPER_NUMBERS", "checkpoint_filter_fn",
@@ -218,9 +219,12 @@ def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
 
 
 def _create_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
+    """Build a Swin row with timm's builder (pretrained cfg, features_only) and the package's input checks."""
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
-    return build_model_with_cfg(AffinitySwin, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs)
+    model = build_model_with_cfg(AffinitySwin, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                 feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs)
+    add_input_checks(model)  # one forward-pre-hook, as every family
+    return model
 
 # Swin-T/B (Liu et al.) at 224², window 7; stochastic depth 0.2 / 0.5 as Table 4.
 

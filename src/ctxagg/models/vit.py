@@ -38,6 +38,7 @@ from ..affinity.attention import ATTENTION_NORMS, SelfAttentionAffinity
 from ..affinity.base import Affinity, merge_heads, split_heads, token_count
 from ..affinity.dw_attention import DepthwiseSelfAttention
 from ..blocks.aggregation import TokenAggregationBlock
+from ..checks import add_input_checks
 from ..layers.pos_embed_rel import POS_EMBED_KINDS, RelativePositionBias
 
 __all__ = ["AffinityViT", "ViTBlock", "RelPosSelfAttention", "TokenGrid", "PAPER_NUMBERS", "checkpoint_filter_fn",
@@ -228,9 +229,12 @@ def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
 
 
 def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> AffinityViT:
+    """Build a DeiT row with timm's builder (pretrained cfg, features_only) and the package's input checks."""
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(AffinityViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    model = build_model_with_cfg(AffinityViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    add_input_checks(model)  # one forward-pre-hook, as every family
+    return model
 
 
 default_cfgs = generate_default_cfgs({
