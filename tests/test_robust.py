@@ -585,6 +585,10 @@ def _cli(argv, capsys) -> tuple[int, str]:
     ["train", "--model", "container_lite"],
     ["eval", "--checkpoint", "missing.safetensors", "--model", "container_lite"],
     ["compare", "--models", "container_light,container_lite", "--output", "unused"],
+    ["bench", "throughput", "--models", "container_lite", "--output", "unused"],
+    ["bench", "deploy", "--models", "container_lite", "--output", "unused"],
+    ["inspect", "--model", "container_lite", "--image", "unused.png", "--output", "unused"],
+    ["export", "--model", "container_lite", "--output", "unused.onnx"],
 ])
 def test_unknown_model_names_suggest_the_nearest_for_every_subcommand(argv, capsys):
     code, err = _cli(argv, capsys)
@@ -614,3 +618,134 @@ def test_invalid_settings_fail_before_any_work(tmp_path, capsys):
     code, err = _cli(["train", "--output", str(file_as_output)], capsys)
     assert code == 2 and f"--output {file_as_output} exists and is not a folder" in err
     assert file_as_output.read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------ run folders (issue 22)
+
+
+def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+RUN_FILES = ("config.json", "metrics.csv", "curves.png", "last.safetensors", "model.safetensors",
+             "model_best.safetensors")
+
+
+def test_two_default_runs_leave_two_complete_folders_and_latest_points_to_the_second(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = train(_cfg(tmp_path, output=None, epochs=1, max_steps=2), progress=False)
+    kept = _files(first.output)
+    second = train(_cfg(tmp_path, output=None, epochs=1, max_steps=1, img_size=17), progress=False)
+    assert first.output != second.output and first.output.parent == second.output.parent == Path("runs")
+    assert first.output.name.startswith("container_light-digits-20")
+    for run in (first.output, second.output):
+        assert all((run / name).stat().st_size > 0 for name in RUN_FILES), sorted(os.listdir(run))
+    assert _files(first.output) == kept  # the first run is untouched, byte for byte
+    latest = Path("runs/latest")
+    assert latest.is_symlink() and latest.resolve() == second.output.resolve()
+    assert load_checkpoint(latest / "model_best.safetensors")[1]["config"]["img_size"] == 17
+    assert load_checkpoint(first.output / "model_best.safetensors")[1]["config"]["img_size"] == 16
+    # the README's `--resume runs/latest` continues the newest run in its own folder
+    resumed = train(_cfg(tmp_path, output=None, epochs=2, img_size=17), resume="runs/latest", progress=False)
+    assert resumed.output.resolve() == second.output.resolve() and len(resumed.history) == 2
+    assert sorted(p.name for p in Path("runs").iterdir()) == sorted([first.output.name, second.output.name, "latest"])
+
+
+def test_an_explicit_output_holding_a_run_is_refused_naming_it_and_nothing_changes(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_cfg(tmp_path, epochs=1, max_steps=2), progress=False)
+    before = _files(out)
+    best = max(h["val_top1"] for h in load_checkpoint(out / "last.safetensors")[1]["history"])
+    argv = _cli_args(tmp_path, out, epochs=1)
+    code, err = _cli(argv, capsys)
+    assert code == 2, err
+    assert f"--output {out} already holds a container_light run on digits (1 of 1 epochs done, best val top-1 " \
+           f"{best:.2f}%); nothing was changed" in err
+    assert f"--resume {out} to continue it" in err and "--overwrite to replace it" in err
+    assert _files(out) == before  # byte-identical, not even rewritten
+    code, err = _cli([*argv, "--overwrite", "--max-steps", "1"], capsys)
+    assert code == 0, err
+    _, meta = load_checkpoint(out / "last.safetensors")
+    assert meta["history"][0]["steps"] == 1 and meta["config"]["fraction"] == 0.5  # the new run replaced it
+
+
+def test_eval_inspect_bench_export_compare_never_replace_earlier_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_cfg(tmp_path, epochs=1, max_steps=1), progress=False)
+    from ctxagg.train.evaluate import evaluate_checkpoint
+    first = evaluate_checkpoint(str(out), batch_size=256)
+    second = evaluate_checkpoint(str(out), batch_size=256)
+    assert (Path(first["output"]).name, Path(second["output"]).name) == ("eval-val", "eval-val-1")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "bench.json").write_text("earlier results")
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    export_file = tmp_path / "model.onnx"
+    export_file.write_text("earlier export")
+    for argv in (["eval", "--checkpoint", str(out), "--output", str(taken)],
+                 ["inspect", "--checkpoint", str(out), "--image", str(image), "--output", str(taken)],
+                 ["bench", "throughput", "--models", "container_light", "--output", str(taken)],
+                 ["bench", "sweep", "--output", str(taken)], ["bench", "deploy", "--output", str(taken)],
+                 ["compare", "--models", "container_light", "--output", str(taken)],
+                 ["export", "--checkpoint", str(out), "--output", str(export_file)]):
+        code, err = _cli(argv, capsys)
+        assert code == 2 and "nothing was changed" in err and "--overwrite" in err, (argv, err)
+    assert (taken / "bench.json").read_text() == "earlier results" and sorted(os.listdir(taken)) == ["bench.json"]
+    assert export_file.read_text() == "earlier export"
+    code, err = _cli(["inspect", "--checkpoint", str(out), "--image", str(image), "--output", str(taken),
+                      "--overwrite"], capsys)
+    assert code == 0 and (taken / "inspect.json").is_file() and (taken / "bench.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------- CLI error policy
+
+
+def test_library_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from ctxagg.cli import main
+    from ctxagg.errors import ConfigError
+    from ctxagg.train import evaluate as evaluate_module
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("what was wrong, and what is allowed")
+
+    monkeypatch.setattr(evaluate_module, "evaluate_checkpoint", refuse)
+    assert main(["eval", "--checkpoint", "x"]) == 2
+    assert capsys.readouterr().err == "error: what was wrong, and what is allowed\n"
+    for argv, env in ((["--debug", "eval", "--checkpoint", "x"], "0"), (["eval", "--checkpoint", "x", "--debug"], ""),
+                      (["eval", "--checkpoint", "x"], "1")):
+        monkeypatch.setenv("CTXAGG_DEBUG", env)
+        with pytest.raises(ConfigError, match="what was wrong"):  # the traceback, on request
+            main(argv)
+    monkeypatch.delenv("CTXAGG_DEBUG")
+
+    def bug(*args, **kwargs):  # a ValueError/RuntimeError from inside torch is a bug, not bad input
+        raise ValueError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(evaluate_module, "evaluate_checkpoint", bug)
+    with pytest.raises(ValueError, match="same device"):
+        main(["eval", "--checkpoint", "x"])
+
+
+def test_old_bench_flags_get_a_message_naming_the_new_subcommand(capsys):
+    from ctxagg.cli import main
+    for argv, tool in ((["bench", "--sweep", "resolution"], "sweep"), (["bench", "--compare-eager"], "deploy"),
+                       (["bench", "--models", "container_light", "--out", "x"], "throughput")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "ctxagg bench {throughput,sweep,deploy}" in err and f"use `ctxagg bench {tool} ...`" in err, err
+
+
+def test_out_is_an_alias_of_output_with_a_note(tmp_path, capsys):
+    from ctxagg.cli import build_parser
+    args = build_parser().parse_args(["inspect", "--model", "container_light", "--image", "x.png", "--out", "d"])
+    assert args.output == "d" and "note: --out is deprecated; use --output" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "sweep", "--output", "e"])
+    assert args.output == "e" and args.tool == "sweep" and args.batch_size == 16
+
+
+def test_python_m_ctxagg_is_the_ctxagg_command():
+    done = subprocess.run([sys.executable, "-m", "ctxagg", "train", "--model", "container_lite"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "unknown model 'container_lite'. Did you mean: container_light" in done.stderr
+    assert done.stderr.count("\n") == 1  # one line, no traceback

@@ -15,10 +15,14 @@ The conventions every command that writes a folder follows (train, compare, eval
   With ``overwrite=True`` the files the command writes are removed first (:func:`remove_outputs`), so an old
   run's checkpoint can never sit next to a new run's metrics.
 
-Usage in a command (rank-aware)::
+Usage in a command, the one call (rank-aware; raises :class:`RunExistsError` on every rank alike)::
 
-    out = new_run_dir("runs", cfg.model, data_tag(cfg.data)) if cfg.output is None \
-        else refuse_existing(cfg.output, overwrite, resumable=True)
+    out = output_dir(args.output, "dense", model, data_tag(data), overwrite=args.overwrite,
+                     outputs=("metrics.csv", "last.safetensors"), resumable=True, latest=True)
+
+``output=None`` gives ``runs/dense-<model>-<data>-<stamp>`` (and, with ``latest=True``, moves ``runs/latest``);
+an explicit folder is checked by :func:`refuse_existing` and created. :func:`on_rank0` runs any other
+file-system step on rank 0 and hands its result (or its error) to every rank.
 """
 from __future__ import annotations
 
@@ -30,15 +34,16 @@ import re
 import struct
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
-from .errors import RunExistsError
+from .errors import CtxaggError, RunExistsError
 
-__all__ = ["new_run_dir", "refuse_existing", "update_latest", "resolve_run_path", "describe_run", "data_tag",
+__all__ = ["output_dir", "on_rank0", "DEFAULT_ROOT", "new_run_dir", "refuse_existing", "update_latest", "resolve_run_path", "describe_run", "data_tag",
            "remove_outputs", "timestamp", "POINTER_MAGIC", "RunExistsError"]
 
 log = logging.getLogger("ctxagg.runs")
 PathLike = Union[str, Path]
+DEFAULT_ROOT = "runs"  # where default run and results folders go (relative to the working directory)
 POINTER_MAGIC = "ctxagg run pointer"  # first line of a `latest` pointer file (where symlinks are unavailable)
 
 
@@ -80,6 +85,52 @@ def _share_from_rank0(value: Optional[str]) -> str:
     return box[0]
 
 
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only and return its result on every rank; a :class:`CtxaggError` it raises is raised
+    on every rank (as :class:`RunExistsError` elsewhere than rank 0), so no rank waits for a rank that failed."""
+    rank, world = _distributed()
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box = [(fn(), None)]
+        except CtxaggError as exc:
+            box = [(None, exc)]
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error if rank == 0 else RunExistsError(str(error))
+    return result
+
+
+def output_dir(output: Optional[PathLike], *parts: str, overwrite: bool = False, outputs: Iterable[str] = (),
+               resumable: bool = False, root: PathLike = DEFAULT_ROOT, latest: bool = False,
+               flag: str = "--output") -> Path:
+    """The folder a command writes to, created on rank 0 and known to every rank.
+
+    ``output`` None: a new ``root/<parts>-<stamp>[-N]`` (:func:`new_run_dir`), and with ``latest`` the
+    ``root/latest`` pointer moves to it. Otherwise ``output`` (pointer files followed) after
+    :func:`refuse_existing` (``overwrite`` removes the ``outputs`` it names first)."""
+    def make() -> str:
+        if output is None:
+            out = _mkdir_unique(Path(root), _run_name(parts))
+            if latest:
+                update_latest(root, out)
+            return str(out)
+        out = refuse_existing(output, overwrite, resumable, flag, outputs)
+        out.mkdir(parents=True, exist_ok=True)
+        return str(out)
+
+    return Path(on_rank0(make))
+
+
+def _run_name(parts: Iterable[str], stamp: bool = True) -> str:
+    return "-".join([_slug(p) for p in parts if p] + ([timestamp()] if stamp else [])) or timestamp()
+
+
 def _mkdir_unique(root: Path, name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for n in range(10_000):
@@ -97,9 +148,8 @@ def new_run_dir(root: PathLike, *parts: str, stamp: bool = True) -> Path:
     processes start in the same second. Under torch.distributed only rank 0 creates it; every rank gets its path.
 
     ``stamp=False`` leaves the time out (``root/<parts>[-N]``), for results kept next to a run (``eval-val``)."""
-    name = "-".join([_slug(p) for p in parts if p] + ([timestamp()] if stamp else [])) or timestamp()
     rank, _ = _distributed()
-    path = str(_mkdir_unique(Path(root), name)) if rank == 0 else None
+    path = str(_mkdir_unique(Path(root), _run_name(parts, stamp))) if rank == 0 else None
     return Path(_share_from_rank0(path))
 
 
@@ -124,7 +174,7 @@ def refuse_existing(output: PathLike, overwrite: bool = False, resumable: bool =
         remove_outputs(out, outputs)
         return out
     ways = [f"--resume {output} to continue it"] if resumable and (out / "last.safetensors").is_file() else []
-    ways += [f"another {flag}", f"--overwrite to replace it"]
+    ways += [f"another {flag}", "--overwrite to replace it"]
     raise RunExistsError(f"{flag} {output} already holds {describe_run(out)}; nothing was changed. "
                          f"Use {', '.join(ways[:-1])} or {ways[-1]}")
 

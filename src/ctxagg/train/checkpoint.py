@@ -25,6 +25,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
+from ..errors import CtxaggError
+
 __all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "load_model_weights", "CheckpointError",
            "tensor_digest", "optimizer_state_to_flat", "optimizer_state_from_flat", "rng_state", "set_rng_state"]
 
@@ -32,7 +34,7 @@ META_KEY = "ctxagg"
 DIGEST_KEY = "ctxagg.sha256"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CtxaggError, ValueError):
     """A checkpoint that cannot be used: unreadable, corrupt, unsafe, or for another model."""
 
 

@@ -8,27 +8,32 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
+from ..runs import output_dir
 from .checkpoint import atomic_write
 from .config import TrainConfig
 from .engine import train
 from .plots import plt
 
-__all__ = ["compare"]
+__all__ = ["compare", "COMPARE_OUTPUTS"]
+
+COMPARE_OUTPUTS = ("compare.md", "compare.json", "compare.png")
 
 
-def compare(models: Sequence[str], base: TrainConfig, fractions: Sequence[float], output: str,
-            progress: bool = True) -> dict[str, Any]:
-    """Train every model on every fraction (same seed, same subset) and tabulate the best val top-1."""
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+def compare(models: Sequence[str], base: TrainConfig, fractions: Sequence[float], output: Optional[str] = None,
+            progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train every model on every fraction (same seed, same subset) and tabulate the best val top-1.
+
+    ``output`` None: a new folder ``runs/compare-<YYYYmmdd-HHMMSS>``; an explicit folder holding results is refused
+    unless ``overwrite``. Each training run goes to ``<output>/<model>-f<fraction>``."""
+    out = output_dir(output, "compare", overwrite=overwrite, outputs=COMPARE_OUTPUTS)
     runs: list[dict[str, Any]] = []
     for model in models:
         for fraction in fractions:
             cfg = replace(base, model=model, fraction=fraction, output=str(out / f"{model}-f{fraction:g}"))
             t0 = time.perf_counter()
-            result = train(cfg, progress=progress)
+            result = train(cfg, progress=progress, overwrite=overwrite)
             runs.append(dict(model=model, fraction=fraction, best_top1=result.best_top1,
                              final_top1=result.history[-1]["val_top1"], seconds=time.perf_counter() - t0,
                              curve=[h["val_top1"] for h in result.history]))

@@ -5,6 +5,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from ..errors import ConfigError
+
 __all__ = ["TrainConfig", "RECIPES", "input_size_overrides"]
 
 
@@ -12,7 +14,7 @@ __all__ = ["TrainConfig", "RECIPES", "input_size_overrides"]
 class TrainConfig:
     model: str = "container_light"
     data: str = "digits"
-    output: str = "runs/latest"
+    output: Optional[str] = None         # None: a new folder runs/<model>-<data>-<YYYYmmdd-HHMMSS> (runs/latest)
     recipe: str = "deit"
     epochs: int = 30
     batch_size: int = 64
@@ -48,13 +50,14 @@ class TrainConfig:
     skip_bad_images: bool = False
     device: str = "auto"
     max_steps: Optional[int] = None      # stop after this many optimiser steps (tests, smoke runs)
+    init: Optional[str] = None           # a `ctxagg ssl train` run (or its teacher.safetensors) to fine-tune from
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
         """A copy with every None filled from the recipe."""
         out = TrainConfig(**asdict(self))
         if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
+            raise ConfigError(f"unknown recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
         for key, value in RECIPES[self.recipe].items():
             if key != "base_lr" and getattr(out, key) is None:
                 setattr(out, key, value)
@@ -101,10 +104,13 @@ class TrainConfig:
             problems.append(f"--data path {path} does not exist")
         elif kind == "imagefolder" and not Path(path).expanduser().is_dir():
             problems.append(f"--data imagefolder:{path} is not a folder")
-        if Path(self.output).expanduser().exists() and not Path(self.output).expanduser().is_dir():
+        if self.output and Path(self.output).expanduser().exists() and not Path(self.output).expanduser().is_dir():
             problems.append(f"--output {self.output} exists and is not a folder")
+        if self.init and not Path(self.init).expanduser().exists():
+            problems.append(f"--init {self.init} does not exist (give a `ctxagg ssl train` run folder or its "
+                            "teacher.safetensors)")
         if problems:
-            raise ValueError("invalid training settings:\n  " + "\n  ".join(problems))
+            raise ConfigError("invalid training settings:\n  " + "\n  ".join(problems))
         return self
 
     def _range_problems(self) -> list[str]:

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import CtxaggError
+
 __all__ = ["ImageArrays", "ArrayDataset", "load_dataset", "DATA_SPECS", "DataError", "BadImageError"]
 
 log = logging.getLogger("ctxagg.data")
@@ -28,7 +30,7 @@ DATA_SPECS = ("digits", "imagefolder:PATH", "cifar10:PATH", "mnist:PATH")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-class DataError(ValueError):
+class DataError(CtxaggError, ValueError):
     """Data that cannot be used as given: an unreadable file or folder, a wrong label, a malformed file."""
 
 
@@ -357,7 +359,7 @@ def load_dataset(spec: str, val_fraction: float = 0.2, seed: int = 0, decode_siz
     if kind == "digits":
         return _split(load_digits_arrays(), val_fraction, seed)
     if kind not in ("imagefolder", "cifar10", "mnist") or not path:
-        raise ValueError(f"unknown data spec {spec!r}; use one of {', '.join(DATA_SPECS)}")
+        raise DataError(f"unknown data spec {spec!r}; use one of {', '.join(DATA_SPECS)}")
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data path {root} does not exist (from --data {spec})")

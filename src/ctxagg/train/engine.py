@@ -1,88 +1,58 @@
 """`ctxagg train`: the training loop on timm's data pipeline, losses, optimisers, schedulers and EMA.
 
-Single process, or several under ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on GPU).
+Single process, or several under ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on GPU). As timm's
+``train.py`` keeps ``train_one_epoch`` and ``validate`` out of ``main``, :func:`train` only sequences the steps:
+output folder → data → model, optimiser, schedule (restored on resume) → per epoch :func:`train_one_epoch`,
+:func:`validate_epoch`, :func:`save_checkpoints` → curves.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
-from timm.data import Mixup, create_transform
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checks import add_input_checks
-from .checkpoint import (load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat, rng_state,
-                         save_checkpoint, set_rng_state)
-from .config import TrainConfig, input_size_overrides
+from ..errors import ConfigError, CtxaggError
+from ..runs import DEFAULT_ROOT, data_tag, on_rank0, output_dir, resolve_run_path
+from .checkpoint import (atomic_write, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import TrainConfig
 from .data import ArrayDataset, ImageArrays, load_dataset
+from .distributed import init_distributed, rank_and_world, resolve_device
+from .evaluate import evaluate
+from .init import init_from_ssl
+from .model import build_eval_transform, build_model, build_train_transform, load_trained_model
 
-__all__ = ["train", "build_model", "load_trained_model", "build_eval_transform", "TrainResult", "NonFiniteLossError"]
+__all__ = ["train", "train_one_epoch", "validate_epoch", "save_checkpoints", "build_model", "load_trained_model",
+           "build_eval_transform", "evaluate", "subset_fraction", "seed_everything", "TrainResult",
+           "NonFiniteLossError", "RUNS_ROOT", "RUN_OUTPUTS"]
 
 log = logging.getLogger("ctxagg.train")
 
+RUNS_ROOT = DEFAULT_ROOT  # default runs: runs/<model>-<data>-<YYYYmmdd-HHMMSS>; runs/latest points to the newest
+# every file a run writes (removed by --overwrite; their temp files are left only by a kill mid-write)
+RUN_OUTPUTS = ("last.safetensors", "model.safetensors", "model_best.safetensors", "metrics.csv", "config.json",
+               "curves.png")
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(CtxaggError, RuntimeError):
     """The loss (or the weights) became NaN or Inf."""
-
-
-# temp files atomic_write leaves only when the process is killed mid-write (SIGKILL, power loss)
-_RUN_FILES = ("last.safetensors", "model.safetensors", "model_best.safetensors", "metrics.csv", "config.json")
-
-
-def _remove_stale_temp_files(out: Path) -> None:
-    for name in _RUN_FILES:
-        for tmp in out.glob(f".{name}.*.tmp"):
-            log.warning("removing %s, left by an interrupted checkpoint write", tmp)
-            tmp.unlink(missing_ok=True)
-
-
-def _resume_state(resume: str, cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
-    """Config, tensors and JSON state of the run to resume, or a clear error before any work starts."""
-    ckpt_path = Path(resume)
-    if ckpt_path.is_dir():
-        ckpt_path = ckpt_path / "last.safetensors"
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"--resume {resume}: no last.safetensors in that folder (a run writes it at the "
-                                    "end of its first epoch)")
-    elif not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume {resume} does not exist")
-    tensors, meta = load_checkpoint(ckpt_path)
-    if not all(key in meta for key in ("config", "epoch", "history", "optimizer", "rng")):
-        raise ValueError(f"--resume {ckpt_path} is not a resumable training state (it has no optimiser and RNG "
-                         "state); resume from the run's last.safetensors")
-    saved = TrainConfig.from_json(meta["config"])
-    if saved.model != cfg.model or saved.data != cfg.data:
-        raise ValueError(f"--resume {ckpt_path}: that run trained {saved.model!r} on {saved.data!r}, "
-                         f"not {cfg.model!r} on {cfg.data!r}")
-    # the run's own settings, except where to write, how long to run and how to survive faults
-    cfg = TrainConfig(**{**saved.to_json(), "output": cfg.output, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-                         "workers": cfg.workers, "skip_nonfinite": saved.skip_nonfinite or cfg.skip_nonfinite,
-                         "skip_bad_images": saved.skip_bad_images or cfg.skip_bad_images}).resolved()
-    return cfg, tensors, meta
-
-
-def _check_finite_weights(model: nn.Module, what: str, epoch: int) -> None:
-    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
-    if bad:
-        raise NonFiniteLossError(f"{what} weights became non-finite during epoch {epoch} ({len(bad)} tensors, e.g. "
-                                 f"{bad[0]}); stopping without overwriting the checkpoints of the previous epoch")
 
 
 @dataclass
@@ -95,25 +65,28 @@ class TrainResult:
         return max((h["val_top1"] for h in self.history), default=float("nan"))
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+@dataclass
+class _Run:
+    """What a run carries from epoch to epoch."""
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    data: dict[str, Any]  # classes, num_classes, mean, std, train/val image counts
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Optional[ModelEmaV3]
+    train_loader: DataLoader
+    val_loader: DataLoader
+    mixup: Optional[Mixup] = None
+    criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
 
-
-def _init_distributed(device: torch.device) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and os.environ.get("LOCAL_RANK"):
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    return torch.device(name)
+    def budget_spent(self) -> bool:
+        return self.cfg.max_steps is not None and self.steps >= self.cfg.max_steps
 
 
 def seed_everything(seed: int) -> None:
@@ -122,46 +95,92 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The model a run trains: registry name + classes + small-input preset + user overrides."""
-    kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path or 0.0)
-    kwargs.update(input_size_overrides(cfg.model, cfg.img_size))
-    kwargs.update(cfg.model_kwargs)
-    model = timm.create_model(cfg.model, **kwargs)
-    add_input_checks(model)  # every family refuses wrong channels/dtype/size and empty batches by name
-    return model
+def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True, overwrite: bool = False
+          ) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``; with ``resume`` (a run folder or checkpoint) continue exactly.
+
+    ``cfg.output`` None: a new folder ``runs/<model>-<data>-<stamp>`` (``runs/latest`` points to it), or, when
+    resuming, the resumed run's folder. An explicit ``cfg.output`` that holds files is refused unless it is the
+    folder being resumed or ``overwrite`` is set (then the run's files in it are removed first)."""
+    cfg, resumed = cfg.resolved(), None
+    if resume:
+        cfg, *resumed = _resume_state(resume, cfg)
+    device = resolve_device(cfg.device)
+    init_distributed(device)
+    rank, world = rank_and_world()
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    out = _output_folder(cfg, resume, overwrite)
+    cfg = replace(cfg, output=str(out))
+    seed_everything(cfg.seed)
+    run = _build_run(cfg, out, device, rank, world)
+    if resumed:
+        _restore(run, *resumed)
+    if world > 1:
+        run.model = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    run.mixup, run.criterion = _criterion(cfg, run.data["num_classes"])
+    if rank == 0:
+        atomic_write(out / "config.json", json.dumps(dict(cfg.to_json(), **run.data), indent=2).encode())
+    for epoch in range(len(run.history), cfg.epochs):
+        if run.budget_spent():
+            break
+        stats = train_one_epoch(run, epoch, progress)
+        run.history.append(validate_epoch(run, epoch, stats))
+        if rank == 0:
+            save_checkpoints(run, epoch)
+            _log_epoch(run.history[-1])
+    if rank == 0 and run.history:
+        from .plots import plot_curves
+        plot_curves(run.history, out / "curves.png", title=f"{cfg.model} on {cfg.data}")
+    return TrainResult(out, run.history)
 
 
-def load_trained_model(checkpoint: str, model_name: Optional[str] = None, purpose: str = "use"
-                       ) -> tuple[nn.Module, TrainConfig, dict[str, Any], Path]:
-    """Rebuild the model a `ctxagg train` checkpoint (file or run folder) holds, with its weights loaded.
+def _resume_state(resume: str, cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
+    """Config, tensors and JSON state of the run to resume, or a clear error before any work starts."""
+    ckpt_path = resolve_run_path(resume)
+    if ckpt_path.is_dir():
+        ckpt_path = ckpt_path / "last.safetensors"
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume {resume}: no last.safetensors in that folder (a run writes it at the "
+                                    "end of its first epoch)")
+    elif not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume {resume} does not exist")
+    tensors, meta = load_checkpoint(ckpt_path)
+    if not all(key in meta for key in ("config", "epoch", "history", "optimizer", "rng")):
+        raise ConfigError(f"--resume {ckpt_path} is not a resumable training state (it has no optimiser and RNG "
+                          "state); resume from the run's last.safetensors")
+    saved = TrainConfig.from_json(meta["config"])
+    if saved.model != cfg.model or saved.data != cfg.data:
+        raise ConfigError(f"--resume {ckpt_path}: that run trained {saved.model!r} on {saved.data!r}, "
+                          f"not {cfg.model!r} on {cfg.data!r}")
+    # the run's own settings, except where to write, how long to run and how to survive faults
+    cfg = TrainConfig(**{**saved.to_json(), "output": cfg.output or str(ckpt_path.parent), "epochs": cfg.epochs,
+                         "max_steps": cfg.max_steps, "workers": cfg.workers,
+                         "skip_nonfinite": saved.skip_nonfinite or cfg.skip_nonfinite,
+                         "skip_bad_images": saved.skip_bad_images or cfg.skip_bad_images}).resolved()
+    return cfg, tensors, meta
 
-    Returns (model, run config, checkpoint metadata, checkpoint path); ``model_name``, if given, must match
-    the run's model. ``purpose`` words the error for checkpoints that hold no run configuration."""
-    from .checkpoint import CheckpointError, load_model_weights
 
-    path = Path(checkpoint)
-    path = path / "model_best.safetensors" if path.is_dir() else path
-    _, meta = load_checkpoint(path)
-    if "config" not in meta:
-        raise CheckpointError(f"{path} has no ctxagg run configuration; {purpose} checkpoints written by `ctxagg train`")
-    cfg = TrainConfig.from_json(meta["config"])
-    if model_name is not None and model_name != cfg.model:
-        raise CheckpointError(f"{path} was trained as {cfg.model!r}, not {model_name!r}")
-    model = build_model(cfg, meta["num_classes"])
-    load_model_weights(model, path)
-    return model, cfg, meta, path
+def _output_folder(cfg: TrainConfig, resume: Optional[str], overwrite: bool) -> Path:
+    """The run's folder (see :func:`train`), created by rank 0; a refusal is raised on every rank alike."""
+    if cfg.output is None:
+        return output_dir(None, cfg.model, data_tag(cfg.data), latest=True)
+    out = resolve_run_path(cfg.output)
+    if resume is not None and out.is_dir() and _resume_file(resume).parent.resolve() == out.resolve():
+        on_rank0(lambda: _remove_temp_files(out))  # continuing the run in its own folder
+        return out
+    return output_dir(out, overwrite=overwrite, outputs=RUN_OUTPUTS, resumable=True)
 
 
-def build_eval_transform(img_size: int, mean, std) -> Callable:
-    return create_transform(img_size, is_training=False, interpolation="bicubic", mean=mean, std=std, crop_pct=1.0)
+def _remove_temp_files(out: Path) -> None:
+    for tmp in out.glob(".*.tmp"):  # left only by a kill mid-write
+        log.warning("removing %s, left by an interrupted checkpoint write", tmp)
+        tmp.unlink(missing_ok=True)
 
 
-def _train_transform(cfg: TrainConfig, mean, std) -> Callable:
-    return create_transform(
-        cfg.img_size, is_training=True, scale=(cfg.scale_min, 1.0), hflip=cfg.hflip, vflip=0.0,
-        auto_augment=cfg.randaugment or None, interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel",
-        mean=mean, std=std)
+def _resume_file(resume: str) -> Path:
+    path = resolve_run_path(resume)
+    return path / "last.safetensors" if path.is_dir() else path
 
 
 def subset_fraction(arrays: ImageArrays, fraction: float, seed: int) -> ImageArrays:
@@ -169,7 +188,7 @@ def subset_fraction(arrays: ImageArrays, fraction: float, seed: int) -> ImageArr
     if fraction >= 1.0:
         return arrays
     if not 0 < fraction:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
     keep = []
     for c in range(len(arrays.classes)):
@@ -179,236 +198,208 @@ def subset_fraction(arrays: ImageArrays, fraction: float, seed: int) -> ImageArr
     return arrays.subset(np.sort(np.concatenate(keep)))
 
 
-def _loader(dataset, cfg: TrainConfig, train: bool, rank: int, world: int, generator_seed: int) -> DataLoader:
+def _load_arrays(cfg: TrainConfig) -> tuple[ImageArrays, ImageArrays]:
+    train_arrays, val_arrays = load_dataset(cfg.data, cfg.val_fraction, cfg.seed, decode_size=None,
+                                            skip_bad=cfg.skip_bad_images)
+    train_arrays = subset_fraction(train_arrays, cfg.fraction, cfg.seed)
+    if 0 < cfg.val_limit < len(val_arrays.labels):
+        val_arrays = subset_fraction(val_arrays, cfg.val_limit / len(val_arrays.labels), cfg.seed)
+    if len(val_arrays.labels) == 0:
+        raise ConfigError(f"the validation split of {cfg.data} is empty; raise --val-fraction or add a val/ folder")
+    return train_arrays, val_arrays
+
+
+def _loader(dataset, cfg: TrainConfig, train: bool, rank: int, world: int) -> DataLoader:
     if train and cfg.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
         sampler = RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True)
     else:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=generator_seed,
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=cfg.seed,
                                      drop_last=False)
-    per_rank = cfg.batch_size // world
-    return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
+    return DataLoader(dataset, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=cfg.workers,
                       drop_last=train, persistent_workers=False)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
-             num_classes: Optional[int] = None) -> dict[str, Any]:
-    """Top-1/top-5 accuracy, mean loss and the confusion matrix (rows: true class) over ``loader``."""
-    model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    confusion = None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
-    for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        with autocast:
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        k = min(5, logits.shape[1])
-        top1, top5 = accuracy(logits, targets, topk=(1, k))
-        correct1 += top1.item() * len(targets) / 100
-        correct5 += top5.item() * len(targets) / 100
-        total += len(targets)
-        n = num_classes or logits.shape[1]
-        pairs = targets * n + logits.argmax(1)
-        counts = torch.bincount(pairs, minlength=n * n).view(n, n).cpu()
-        confusion = counts if confusion is None else confusion + counts
-    stats = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(stats)
-        if confusion is not None:
-            dist.all_reduce(confusion)
-    c1, c5, total, loss_sum = stats.tolist()
-    return dict(top1=100 * c1 / max(total, 1), top5=100 * c5 / max(total, 1), loss=loss_sum / max(total, 1),
-                count=int(total), confusion=confusion)
+def _build_run(cfg: TrainConfig, out: Path, device: torch.device, rank: int, world: int) -> _Run:
+    """Data, model, optimiser, loaders, schedule and EMA, built in the order that fixes their random draws."""
+    train_arrays, val_arrays = _load_arrays(cfg)
+    mean, std = train_arrays.channel_stats()
+    num_classes = len(train_arrays.classes)
+    model = build_model(cfg, num_classes)
+    if cfg.init:  # before the EMA copies the weights; a resumed run overwrites them with its own
+        init_from_ssl(model, cfg.init)
+    model = model.to(device)
+    if cfg.sync_bn and world > 1:
+        if device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on CPU each process "
+                              "normalises its own sub-batch")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = create_optimizer_v2(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    transform = build_train_transform(cfg, mean, std) if cfg.augment else build_eval_transform(cfg.img_size, mean, std)
+    train_loader = _loader(ArrayDataset(train_arrays, transform), cfg, True, rank, world)
+    val_loader = _loader(ArrayDataset(val_arrays, build_eval_transform(cfg.img_size, mean, std)), cfg, False, rank,
+                         world)
+    if len(train_loader) == 0:
+        raise ConfigError(f"{len(train_arrays.labels)} training images are fewer than one batch of "
+                          f"{cfg.batch_size}; lower --batch-size")
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
+                                       warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+                                       step_on_epochs=False, updates_per_epoch=len(train_loader))
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    data = dict(mean=mean, std=std, num_classes=num_classes, classes=train_arrays.classes)
+    return _Run(cfg, out, device, rank, world, data, model, optimizer, scheduler, ema, train_loader, val_loader)
+
+
+def _restore(run: _Run, tensors: dict, meta: dict) -> None:
+    """Weights, EMA, optimiser, RNG streams, metrics history and step count of a resumed run."""
+    run.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if run.ema is not None:
+        run.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    run.optimizer.load_state_dict(optimizer_state_from_flat(tensors, meta["optimizer"]))
+    set_rng_state(tensors, meta["rng"])
+    run.history = meta["history"]
+    run.steps = (meta["epoch"] + 1) * len(run.train_loader)
+
+
+def _criterion(cfg: TrainConfig, num_classes: int) -> tuple[Optional[Mixup], nn.Module]:
+    if (cfg.mixup or 0) > 0 or (cfg.cutmix or 0) > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if cfg.label_smoothing:
+        return None, LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    return None, nn.CrossEntropyLoss()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _state_tensors(model: nn.Module, optimizer, ema: Optional[ModelEmaV3]) -> tuple[dict, dict]:
-    tensors = {f"model.{k}": v for k, v in _unwrap(model).state_dict().items()}
-    if ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in ema.module.state_dict().items()})
-    optim_tensors, optim_js = optimizer_state_to_flat(optimizer.state_dict())
+def train_one_epoch(run: _Run, epoch: int, progress: bool = True) -> dict[str, float]:
+    """One pass over the training data (stopping early at ``max_steps``); returns loss/accuracy sums over every
+    process, the images seen, the steps skipped for a non-finite loss and the seconds taken."""
+    run.model.train()
+    run.train_loader.sampler.set_epoch(epoch)
+    stats = dict(loss_sum=0.0, correct=0, seen=0, skipped=0)
+    t0 = time.perf_counter()
+    bar = _progress(run.train_loader, epoch, run.cfg.epochs, enabled=progress and run.rank == 0)
+    for batch_idx, (images, targets) in enumerate(bar):
+        if run.budget_spent():
+            break
+        images, hard_targets = images.to(run.device), targets.to(run.device)
+        loss, logits = _forward(run, images, hard_targets)
+        if not _finite_or_skip(run, loss, epoch, batch_idx, stats):
+            continue
+        _optimizer_step(run, loss)
+        stats["seen"] += len(hard_targets)
+        stats["correct"] += (logits.argmax(1) == hard_targets).sum().item()
+        stats["loss_sum"] += loss.item() * len(hard_targets)
+        if hasattr(bar, "set_postfix"):
+            seen = stats["seen"]
+            bar.set_postfix(loss=f"{stats['loss_sum'] / seen:.4f}", acc=f"{100 * stats['correct'] / seen:.1f}",
+                            img_s=f"{seen * run.world / (time.perf_counter() - t0):.0f}")
+    if stats["skipped"] and stats["seen"] == 0:
+        raise NonFiniteLossError(f"every one of the {stats['skipped']} steps of epoch {epoch} had a non-finite loss; "
+                                 "stopping (the weights or the data are broken: lower --lr, check the data)")
+    run.scheduler.step(epoch + 1)
+    stats["seconds"] = time.perf_counter() - t0
+    if run.world > 1:  # log the global epoch, not rank 0's share of it
+        totals = torch.tensor([stats["loss_sum"], stats["correct"], stats["seen"]], dtype=torch.float64)
+        dist.all_reduce(totals)
+        stats.update(loss_sum=totals[0].item(), correct=int(totals[1].item()), seen=int(totals[2].item()))
+    return stats
+
+
+def _forward(run: _Run, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if run.mixup is not None:
+        images, targets = run.mixup(images, targets)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16) if run.cfg.amp else nullcontext():
+        logits = run.model(images)
+    return run.criterion(logits.float(), targets), logits
+
+
+def _finite_or_skip(run: _Run, loss: torch.Tensor, epoch: int, batch_idx: int, stats: dict) -> bool:
+    """The NaN policy: a non-finite loss stops the run (keeping the last epoch's checkpoints) or, with
+    ``--skip-nonfinite``, skips and counts the step. All processes decide together."""
+    finite = torch.isfinite(loss.detach()).float()
+    if run.world > 1:  # every process must take (or skip) the step together, or DDP's all-reduce hangs
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item():
+        return True
+    message = (f"non-finite loss {loss.item()} at epoch {epoch}, batch {batch_idx} (step {run.steps}, "
+               f"lr {run.optimizer.param_groups[0]['lr']:.3g})")
+    if not run.cfg.skip_nonfinite:
+        raise NonFiniteLossError(message + "; stopping, the checkpoints of the last finished epoch are kept (use "
+                                 "--skip-nonfinite to skip such steps, or lower --lr)")
+    stats["skipped"] += 1
+    log.warning("%s: step skipped (%d this epoch)", message, stats["skipped"])
+    run.optimizer.zero_grad(set_to_none=True)
+    return False
+
+
+def _optimizer_step(run: _Run, loss: torch.Tensor) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.cfg.clip_grad:
+        dispatch_clip_grad(run.model.parameters(), run.cfg.clip_grad, mode="norm")
+    run.optimizer.step()
+    run.steps += 1
+    run.scheduler.step_update(run.steps)
+    if run.ema is not None:
+        run.ema.update(_unwrap(run.model), step=run.steps)
+
+
+def validate_epoch(run: _Run, epoch: int, stats: dict[str, float]) -> dict[str, Any]:
+    """Evaluate the model (and its EMA) and return the epoch's metrics row; refuses non-finite weights."""
+    cfg, num_classes, seen = run.cfg, run.data["num_classes"], stats["seen"]
+    val = evaluate(_unwrap(run.model), run.val_loader, run.device, cfg.amp, num_classes)
+    record = dict(epoch=epoch, train_loss=stats["loss_sum"] / max(seen, 1),
+                  train_acc=100 * stats["correct"] / max(seen, 1), val_loss=val["loss"], val_top1=val["top1"],
+                  val_top5=val["top5"], lr=run.optimizer.param_groups[0]["lr"], epoch_seconds=stats["seconds"],
+                  img_per_s=seen / max(stats["seconds"], 1e-9), steps=run.steps, skipped_steps=stats["skipped"])
+    if run.ema is not None:
+        ema_val = evaluate(run.ema.module, run.val_loader, run.device, cfg.amp, num_classes)
+        record.update(ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+    _check_finite_weights(_unwrap(run.model), "model", epoch)  # never save a NaN model
+    if run.ema is not None:
+        _check_finite_weights(run.ema.module, "EMA", epoch)
+    return record
+
+
+def _check_finite_weights(model: nn.Module, what: str, epoch: int) -> None:
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLossError(f"{what} weights became non-finite during epoch {epoch} ({len(bad)} tensors, e.g. "
+                                 f"{bad[0]}); stopping without overwriting the checkpoints of the previous epoch")
+
+
+def save_checkpoints(run: _Run, epoch: int) -> None:
+    """metrics.csv, the resumable ``last.safetensors``, the epoch's ``model.safetensors`` and, if it is the best so
+    far, ``model_best.safetensors`` (each written atomically). Rank 0 only."""
+    _write_csv(run.out / "metrics.csv", run.history)
+    weights = {f"model.{k}": v for k, v in _unwrap(run.model).state_dict().items()}
+    tensors = dict(weights)
+    if run.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in run.ema.module.state_dict().items()})
+    optim_tensors, optim_js = optimizer_state_to_flat(run.optimizer.state_dict())
     rng_tensors, rng_js = rng_state()
     tensors.update(optim_tensors)
     tensors.update(rng_tensors)
-    return tensors, dict(optimizer=optim_js, rng=rng_js)
+    common = dict(config=run.cfg.to_json(), epoch=epoch, **run.data)
+    save_checkpoint(run.out / "last.safetensors", tensors,
+                    dict(common, history=run.history, optimizer=optim_js, rng=rng_js))
+    val_top1 = run.history[-1]["val_top1"]
+    save_checkpoint(run.out / "model.safetensors", weights, dict(common, val_top1=val_top1))
+    if val_top1 >= max(h["val_top1"] for h in run.history):
+        save_checkpoint(run.out / "model_best.safetensors", weights, dict(common, val_top1=val_top1))
 
 
 def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    from .checkpoint import atomic_write
     keys = [k for k in history[0] if k != "confusion"]
     keys += [k for h in history[1:] for k in h if k not in keys and k != "confusion"]
     lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h.get(k), float) else str(h.get(k, ""))
                                          for k in keys) for h in history]
     atomic_write(path, ("\n".join(lines) + "\n").encode())
-
-
-def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data``; with ``resume`` (a run folder or checkpoint) continue exactly."""
-    cfg = cfg.resolved()
-    start_epoch, history, resume_state = 0, [], None
-    if resume:
-        cfg, tensors, meta = _resume_state(resume, cfg)
-        resume_state = (tensors, meta)
-        start_epoch, history = meta["epoch"] + 1, meta["history"]
-
-    device = _device(cfg.device)
-    _init_distributed(device)
-    rank, world = _distributed()
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    out = Path(cfg.output)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(out)
-    seed_everything(cfg.seed)
-
-    train_arrays, val_arrays = load_dataset(cfg.data, cfg.val_fraction, cfg.seed, decode_size=None,
-                                            skip_bad=cfg.skip_bad_images)
-    train_arrays = subset_fraction(train_arrays, cfg.fraction, cfg.seed)
-    if 0 < cfg.val_limit < len(val_arrays.labels):
-        val_arrays = subset_fraction(val_arrays, cfg.val_limit / len(val_arrays.labels), cfg.seed)
-    mean, std = train_arrays.channel_stats()
-    num_classes = len(train_arrays.classes)
-    model = build_model(cfg, num_classes).to(device)
-    if cfg.sync_bn and world > 1:
-        if device.type != "cuda":
-            raise ValueError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on CPU each process "
-                             "normalises its own sub-batch")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = create_optimizer_v2(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    train_transform = _train_transform(cfg, mean, std) if cfg.augment else build_eval_transform(cfg.img_size, mean, std)
-    train_loader = _loader(ArrayDataset(train_arrays, train_transform), cfg, True, rank, world, cfg.seed)
-    val_loader = _loader(ArrayDataset(val_arrays, build_eval_transform(cfg.img_size, mean, std)), cfg, False,
-                         rank, world, cfg.seed)
-    if len(train_loader) == 0:
-        raise ValueError(f"{len(train_arrays.labels)} training images are fewer than one batch of "
-                         f"{cfg.batch_size}; lower --batch-size")
-    if len(val_arrays.labels) == 0:
-        raise ValueError(f"the validation split of {cfg.data} is empty; raise --val-fraction or add a val/ folder")
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
-                                       warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
-                                       step_on_epochs=False, updates_per_epoch=len(train_loader))
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if resume_state is not None:
-        tensors, meta = resume_state
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if ema is not None:
-            ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        optimizer.load_state_dict(optimizer_state_from_flat(tensors, meta["optimizer"]))
-        set_rng_state(tensors, meta["rng"])
-    if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    mixup = None
-    if (cfg.mixup or 0) > 0 or (cfg.cutmix or 0) > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                      num_classes=num_classes)
-        criterion: nn.Module = SoftTargetCrossEntropy()
-    elif cfg.label_smoothing:
-        criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
-
-    if rank == 0:
-        from .checkpoint import atomic_write
-        atomic_write(out / "config.json", json.dumps(dict(cfg.to_json(), mean=mean, std=std, num_classes=num_classes,
-                                                          classes=train_arrays.classes), indent=2).encode())
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
-    steps = start_epoch * len(train_loader)
-    result = TrainResult(out, history)
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.max_steps is not None and steps >= cfg.max_steps:
-            break
-        model.train()
-        train_loader.sampler.set_epoch(epoch)
-        seen = correct = skipped = 0
-        loss_sum, t0 = 0.0, time.perf_counter()
-        bar = _progress(train_loader, epoch, cfg.epochs, enabled=progress and rank == 0)
-        for batch_idx, (images, targets) in enumerate(bar):
-            if cfg.max_steps is not None and steps >= cfg.max_steps:
-                break
-            images, targets = images.to(device), targets.to(device)
-            hard_targets = targets
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            with autocast:
-                logits = model(images)
-            loss = criterion(logits.float(), targets)
-            finite = torch.isfinite(loss.detach()).float()
-            if world > 1:  # every process must take (or skip) the step together, or DDP's all-reduce hangs
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite.item():
-                message = (f"non-finite loss {loss.item()} at epoch {epoch}, batch {batch_idx} (step {steps}, "
-                           f"lr {optimizer.param_groups[0]['lr']:.3g})")
-                if not cfg.skip_nonfinite:
-                    raise NonFiniteLossError(message + "; stopping, the checkpoints of the last finished epoch are "
-                                             "kept (use --skip-nonfinite to skip such steps, or lower --lr)")
-                skipped += 1
-                log.warning("%s: step skipped (%d this epoch)", message, skipped)
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode="norm")
-            optimizer.step()
-            steps += 1
-            scheduler.step_update(steps)
-            if ema is not None:
-                ema.update(_unwrap(model), step=steps)
-            seen += len(hard_targets)
-            correct += (logits.argmax(1) == hard_targets).sum().item()
-            loss_sum += loss.item() * len(hard_targets)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.1f}",
-                                img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
-        if skipped and seen == 0:
-            raise NonFiniteLossError(f"every one of the {skipped} steps of epoch {epoch} had a non-finite loss; "
-                                     "stopping (the weights or the data are broken: lower --lr, check the data)")
-        scheduler.step(epoch + 1)
-        train_time = time.perf_counter() - t0
-        if world > 1:  # log the global epoch, not rank 0's share of it
-            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
-            dist.all_reduce(totals)
-            loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
-        val = evaluate(_unwrap(model), val_loader, device, cfg.amp, num_classes)
-        record = dict(epoch=epoch, train_loss=loss_sum / max(seen, 1), train_acc=100 * correct / max(seen, 1),
-                      val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
-                      lr=optimizer.param_groups[0]["lr"], epoch_seconds=train_time,
-                      img_per_s=seen / max(train_time, 1e-9), steps=steps, skipped_steps=skipped)
-        if ema is not None:
-            ema_val = evaluate(ema.module, val_loader, device, cfg.amp, num_classes)
-            record.update(ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
-        _check_finite_weights(_unwrap(model), "model", epoch)  # never save a NaN model
-        if ema is not None:
-            _check_finite_weights(ema.module, "EMA", epoch)
-        history.append(record)
-        if rank == 0:
-            _write_csv(out / "metrics.csv", history)
-            tensors, state = _state_tensors(model, optimizer, ema)
-            meta = dict(config=cfg.to_json(), epoch=epoch, history=history, num_classes=num_classes,
-                        classes=train_arrays.classes, mean=mean, std=std, **state)
-            save_checkpoint(out / "last.safetensors", tensors, meta)
-            weights = {f"model.{k}": v for k, v in _unwrap(model).state_dict().items()}
-            weight_meta = dict(config=cfg.to_json(), epoch=epoch, num_classes=num_classes,
-                               classes=train_arrays.classes, mean=mean, std=std, val_top1=val["top1"])
-            save_checkpoint(out / "model.safetensors", weights, weight_meta)
-            if val["top1"] >= max(h["val_top1"] for h in history):
-                save_checkpoint(out / "model_best.safetensors", weights, weight_meta)
-            _log_epoch(record)
-        if cfg.max_steps is not None and steps >= cfg.max_steps:
-            break
-    if rank == 0 and history:
-        from .plots import plot_curves
-        plot_curves(history, out / "curves.png", title=f"{cfg.model} on {cfg.data}")
-    return result
 
 
 def _progress(loader, epoch: int, epochs: int, enabled: bool):
