@@ -345,3 +345,35 @@ def test_torchrun_two_cpu_processes_train_and_write_one_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     tensors, meta = load_checkpoint(tmp_path / "ddp" / "last.safetensors")
     assert meta["history"][-1]["epoch"] == 2 and math.isfinite(meta["history"][-1]["train_loss"])
+
+
+def test_cli_ssl_train_probe_and_train_init(tmp_path, monkeypatch, capsys):
+    """`ctxagg ssl train` writes a run, `ctxagg ssl probe` reads it, `ctxagg train --init` fine-tunes its teacher."""
+    import json
+
+    from ctxagg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--model", "container_light", "--data", "digits", "--epochs", "1", "--batch-size", "4", "--img-size",
+            "16", "--local-crops", "2", "--fraction", "0.01", "--val-limit", "20", "--model-kwargs",
+            json.dumps(TINY_CONTAINER), "--drop-path", "0", "--warmup-epochs", "0", "--out-dim", "32",
+            "--hidden-dim", "16", "--bottleneck-dim", "8", "--no-progress", "--output", "ssl"]
+    assert main(["ssl", "train", *tiny]) == 0
+    assert (tmp_path / "ssl" / "teacher.safetensors").is_file()
+    assert main(["ssl", "train", *tiny]) == 2 and "overwrite" in capsys.readouterr().err
+    assert main(["ssl", "probe", "ssl", "--epochs", "2", "--val-limit", "20", "--fraction", "0.05"]) == 0
+    probe = json.loads((tmp_path / "ssl" / "probe.json").read_text())
+    assert 0 <= probe["knn_top1"] <= 100 and 0 <= probe["linear_top1"] <= 100
+    train = ["train", "--model", "container_light", "--img-size", "16", "--epochs", "1", "--recipe", "light",
+             "--fraction", "0.05", "--val-limit", "20", "--model-kwargs", json.dumps(TINY_CONTAINER),
+             "--output", "fine"]
+    assert main([*train, "--init", "nowhere"]) == 2 and "--init nowhere does not exist" in capsys.readouterr().err
+    # one step at a negligible learning rate (no warm-up, whose start lr is 1e-6): the backbone is still the teacher's
+    assert main([*train, "--init", "ssl", "--max-steps", "1", "--lr", "1e-12", "--warmup-epochs", "0"]) == 0
+    state, _ = load_ssl_backbone(tmp_path / "ssl")
+    tensors, meta = load_checkpoint(tmp_path / "fine" / "last.safetensors")
+    assert meta["config"]["init"] == "ssl"
+    weights = [k for k in state if "running_" not in k and "num_batches" not in k]  # BN statistics move in train()
+    assert len(weights) > 20
+    for key in weights:
+        torch.testing.assert_close(tensors[f"model.{key}"], state[key], rtol=0, atol=1e-6, msg=key)

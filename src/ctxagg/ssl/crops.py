@@ -8,9 +8,8 @@ augmentations: horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1; p = 0.8), gre
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 from torchvision import transforms as T
 
