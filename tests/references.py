@@ -21,7 +21,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ctxagg.affinity import (AffinityChain, AffinityMixture, AxialAttention, DepthwiseConvAffinity,
+from ctxagg.affinity import (AffinityChain, AffinityMixture, AxialAttention, CrossShapedWindowAttention,
+                             DepthwiseConvAffinity, MaskedAttention, ShuffledWindowAttention,
                              DepthwiseSelfAttention, GroupConvAffinity, KeyOnlyAttention, NeighbourhoodAttention,
                              QuadraticEncodingAttention, RelativeSelfAttention2d, SelfAttentionAffinity,
                              TokenMlpAffinity, WindowAttention)
@@ -525,6 +526,69 @@ def quadratic_encoding_matrix(op: nn.Module, v_shape, q=None, k=None) -> Tensor:
     return a
 
 
+def cross_shaped_window_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """CSWin §3.2: heads 0..M/2−1 attend within horizontal stripes (⌊y/s⌋ equal), heads M/2..M−1 within vertical
+    stripes (⌊x/s⌋ equal); softmax(q·k/√d) over the allowed keys, (B, M, N, N)."""
+    w = v_shape[3]
+    n = v_shape[2] * w
+    allowed = torch.zeros(op.heads, n, n, dtype=torch.bool)
+    for m in range(op.heads):
+        for i in range(n):
+            for j in range(n):
+                if m < op.heads // 2:
+                    allowed[m, i, j] = (i // w) // op.stripe == (j // w) // op.stripe
+                else:
+                    allowed[m, i, j] = (i % w) // op.stripe == (j % w) // op.stripe
+    return _softmax_where(attention_scores(q, k, op.heads), allowed)
+
+
+def shuffled_window_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """Shuffle Transformer §3.2: query (y, x) attends to the keys (y', x') with y' ≡ y (mod H/w) and
+    x' ≡ x (mod W/w) — its window after the spatial shuffle, (B, M, N, N)."""
+    h, w = v_shape[2], v_shape[3]
+    n = h * w
+    ph, pw = h // op.window, w // op.window
+    allowed = torch.tensor([[(i // w) % ph == (j // w) % ph and (i % w) % pw == (j % w) % pw for j in range(n)]
+                            for i in range(n)])
+    return _softmax_where(attention_scores(q, k, op.heads), allowed)
+
+
+def pattern_keys(pattern: str, y: int, x: int, h: int, w: int) -> list[tuple[int, int]]:
+    """The keys (a, b) query (y, x) may see under a sparse pattern ``term+term``, from the papers' definitions
+    (Longformer §3.1: sliding window of k, dilated window, global tokens both ways; Sparse Transformers §4.2
+    strided = row / column here; global<s>: tokens with y and x multiples of s, documented in affinity/masked.py)."""
+    terms = [t.strip() for t in pattern.split("+")]
+
+    def local(a: int, b: int) -> bool:
+        for term in terms:
+            if term == "row" and a == y or term == "column" and b == x:
+                return True
+            if term.startswith(("band", "dilated")):
+                size, dil = (int(term[4:]), 1) if term.startswith("band") else map(int, term[7:].split("_"))
+                r = size // 2
+                if any((y + dil * i, x + dil * j) == (a, b) for i in range(-r, r + 1) for j in range(-r, r + 1)):
+                    return True
+        return False
+
+    strides = [int(t[6:]) for t in terms if t.startswith("global")]
+
+    def is_global(a: int, b: int) -> bool:
+        return bool(strides) and a % strides[0] == 0 and b % strides[0] == 0
+
+    return [(a, b) for a in range(h) for b in range(w) if is_global(y, x) or is_global(a, b) or local(a, b)]
+
+
+def masked_attention_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """softmax(q·k/√d) over the keys :func:`pattern_keys` allows, 0 elsewhere, (B, M, N, N)."""
+    h, w = v_shape[2], v_shape[3]
+    n = h * w
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for a, b in pattern_keys(str(op.pattern), i // w, i % w, h, w):
+            allowed[i, a * w + b] = True
+    return _softmax_where(attention_scores(q, k, op.heads), allowed)
+
+
 def _chain_channels(op: nn.Module, v_shape, q=None, k=None) -> Tensor:
     """chain(a, b): apply a then b, A_c = A_b,c · A_a,c per channel (matrix product over tokens)."""
     parts = []
@@ -625,7 +689,10 @@ REFERENCES: dict[type, Reference] = {
 for _cls, _matrix in ((WindowAttention, window_attention_matrix),
                       (NeighbourhoodAttention, neighbourhood_attention_matrix),
                       (AxialAttention, axial_attention_matrix),
-                      (QuadraticEncodingAttention, quadratic_encoding_matrix)):
+                      (QuadraticEncodingAttention, quadratic_encoding_matrix),
+                      (CrossShapedWindowAttention, cross_shaped_window_matrix),
+                      (ShuffledWindowAttention, shuffled_window_matrix),
+                      (MaskedAttention, masked_attention_matrix)):
     REFERENCES[_cls] = Reference(_attention_forward(_matrix), _matrix, channel_matrix=_channels_of(_matrix))
 REFERENCES[AffinityChain] = Reference(
     _chain_forward, lambda op, v_shape, q=None, k=None: _chain_channels(op, v_shape, q, k)[:, ::op.dim // op.heads],
@@ -640,3 +707,13 @@ def reference_for(op: nn.Module) -> Reference:
             f"no independent reference for {type(op).__module__}.{type(op).__name__}: write one from the paper's "
             "equation in tests/references.py (explicit loops/einsum, float64, parameters only) and add it to REFERENCES")
     return ref
+
+
+# operators whose registry default cannot take the tests' standard (5, 7) grid: the spec and the (still
+# non-square) grid their registry test uses instead
+SIZED_CASES = {"shuffle_window": ("shuffle_window2", (4, 6))}
+
+
+def registry_case(name: str, grid: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+    """(spec, grid) the registry tests build and run ``name`` at."""
+    return SIZED_CASES.get(name, (name, grid))

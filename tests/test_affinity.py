@@ -34,8 +34,9 @@ def _call(aff, v, q, k):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_matrix_times_values_equals_forward(spec):
+    spec, grid = ref.registry_case(spec, GRID)
     aff = _build(spec)
-    v, q, k = _inputs()
+    v, q, k = _inputs((2, DIM, *grid))
     out = _call(aff, v, q, k)
     assert out.shape == v.shape
     torch.testing.assert_close(out, aff.reference(v, q, k), rtol=1e-10, atol=1e-10)
@@ -83,8 +84,9 @@ def test_token_layout_matches_grid_layout(spec):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_gradients_reach_every_parameter_and_input(spec):
+    spec, grid = ref.registry_case(spec, GRID)
     aff = _build(spec)
-    v, q, k = (t.requires_grad_() for t in _inputs())
+    v, q, k = (t.requires_grad_() for t in _inputs((2, DIM, *grid)))
     _call(aff, v, q, k).square().sum().backward()
     for name, p in aff.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -46,6 +46,19 @@ def test_container_light_gmacs_regression_pin():
     assert released / PAPER_NUMBERS["container_light_paper"]["gflops"] - 1 > 0.2  # the release is not Table 1
 
 
+@pytest.mark.parametrize("name", ["container_swin", "container_axial", "container_cswin"])
+def test_design_space_compositions_are_pinned_and_mix_per_block(built, name):
+    """Regression pins (no paper count) and the per-block mixer cycle: Swin alternates plain and shifted windows."""
+    assert count_params(built[name]) == PAPER_NUMBERS[name]["params_exact"]
+    if name == "container_swin":
+        shifts = [b.affinity.shift for b in built[name].stages[2].blocks]
+        assert shifts == [0, 3, 0, 3, 0, 3, 0, 3]
+    if name == "container_cswin":
+        assert [s.blocks[0].affinity.stripe for s in built[name].stages] == [1, 2, 7, 7]
+    with torch.no_grad():
+        assert built[name].eval()(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if "params" in PAPER_NUMBERS[n]])
 def test_parameter_counts_match_the_paper(built, name):
     target = PAPER_NUMBERS[name]

@@ -389,3 +389,46 @@ def test_cli_detect_train_eval_and_refusals(tmp_path, monkeypatch, capsys):
     assert "not a detect model" in capsys.readouterr().err
     assert main(["segment", "train", "--backbone", "no_such_net"]) == 2
     assert "unknown model 'no_such_net'" in capsys.readouterr().err
+
+
+def test_each_process_takes_its_share_of_every_global_batch():
+    from ctxagg.dense.engine import _epoch_loader
+
+    class Items(torch.utils.data.Dataset):  # 11 images, global batch 4: 2 steps, 3 images left over
+        def __len__(self):
+            return 11
+
+        def __getitem__(self, i):
+            return torch.tensor(i), {}
+
+    cfg = _dense_cfg(batch_size=4, seed=3)
+
+    def batches(rank=0, world=1):
+        return [[int(i) for i in images] for images, _ in _epoch_loader(Items(), cfg, 1, rank, world)]
+
+    single, shares = batches(), [batches(rank, 2) for rank in (0, 1)]
+    assert len(single) == 2 and [len(s) for s in shares] == [2, 2]  # the same number of steps on every process
+    for step in range(2):  # each global batch is split in two halves of 2, the same images
+        assert len(shares[0][step]) == len(shares[1][step]) == 2
+        assert sorted(shares[0][step] + shares[1][step]) == sorted(single[step])
+    assert len(set(single[0] + single[1])) == 8
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_train_one_detection_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "run_dense.py"
+    script.write_text("import sys, json\nfrom ctxagg.dense.config import DenseConfig\nfrom ctxagg.dense.engine import "
+                      "train_dense\ntrain_dense(DenseConfig(**json.loads(sys.argv[1])), output=sys.argv[2], "
+                      "progress=False)\n")
+    cfg = dict(_dense_cfg(batch_size=4, digits_count=8).to_json())
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), json.dumps(cfg), str(tmp_path / "ddp")],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from ctxagg.train.checkpoint import load_checkpoint
+    _, meta = load_checkpoint(tmp_path / "ddp" / "last.safetensors")
+    assert [h["epoch"] for h in meta["history"]] == [0, 1] and meta["steps"] == 4  # 8 images, global batch 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "run_dense.py"]

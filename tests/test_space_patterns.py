@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import references as ref
+
 from ctxagg.affinity import build_affinity, conv_toeplitz
 from ctxagg.affinity.axial import AxialAttention
 from ctxagg.affinity.chain import AffinityChain
@@ -391,24 +393,6 @@ def test_quadratic_encoding_known_answer_and_gradients():
 
 # ---------------------------------------------------------------- masked(sa, pattern): sparse patterns
 
-def pattern_keys(pattern, y, x, h, w):
-    """The keys (a, b) query (y, x) may see, from the papers' definitions (Longformer §3.1: sliding window
-    of k, dilated window, global tokens both ways; Sparse Transformers §4.2 strided = row/column here)."""
-    def local(a, b):
-        for term in pattern.split("+"):
-            if term == "row" and a == y or term == "column" and b == x:
-                return True
-            if term.startswith(("band", "dilated")):
-                size, dil = (int(term[4:]), 1) if term.startswith("band") else map(int, term[7:].split("_"))
-                r = size // 2
-                if any((y + dil * i, x + dil * j) == (a, b) for i in range(-r, r + 1) for j in range(-r, r + 1)):
-                    return True
-        return False
-    strides = [int(t[6:]) for t in pattern.split("+") if t.startswith("global")]
-    is_global = lambda a, b: bool(strides) and a % strides[0] == 0 and b % strides[0] == 0
-    return [(a, b) for a in range(h) for b in range(w) if is_global(y, x) or is_global(a, b) or local(a, b)]
-
-
 def masked_reference(v, q, k, pattern, heads):
     b, c, h, w = v.shape
     d = c // heads
@@ -418,7 +402,7 @@ def masked_reference(v, q, k, pattern, heads):
             ch = slice(m * d, (m + 1) * d)
             for y in range(h):
                 for x in range(w):
-                    keys = pattern_keys(pattern, y, x, h, w)
+                    keys = ref.pattern_keys(pattern, y, x, h, w)
                     logits = [float(q[bi, ch, y, x] @ k[bi, ch, a, bb]) / math.sqrt(d) for a, bb in keys]
                     for wgt, (a, bb) in zip(_softmax_row(logits), keys):
                         out[bi, ch, y, x] += wgt * v[bi, ch, a, bb]
@@ -432,12 +416,12 @@ def test_masked_attention_matches_pattern_loops_and_matrix(pattern, grid):
     aff = build_affinity(f"masked(sa, {pattern})", dim=DIM, heads=HEADS).double()
     assert isinstance(aff, MaskedAttention) and str(aff.pattern) == pattern
     v, q, k = _qkv((2, DIM, *grid))
-    ref = masked_reference(v, q, k, pattern, HEADS)
-    torch.testing.assert_close(aff(v, q, k), ref, rtol=1e-10, atol=1e-10)
+    want = masked_reference(v, q, k, pattern, HEADS)
+    torch.testing.assert_close(aff(v, q, k), want, rtol=1e-10, atol=1e-10)
     a = aff.matrix(v.shape, q, k)
-    torch.testing.assert_close(aff.reference(v, q, k), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aff.reference(v, q, k), want, rtol=1e-10, atol=1e-10)
     h, w = grid
-    counts = torch.tensor([len(pattern_keys(pattern, i // w, i % w, h, w)) for i in range(h * w)])
+    counts = torch.tensor([len(ref.pattern_keys(pattern, i // w, i % w, h, w)) for i in range(h * w)])
     assert ((a > 0).sum(-1) == counts).all()  # matrix() shows the pattern's zeros
 
 
@@ -465,11 +449,38 @@ def test_masked_gradients_and_refusals():
         build_affinity("masked(sa)", dim=8, heads=2)
 
 
+# ---------------------------------------------------------------- cross-shaped and shuffled windows
+
+def test_cswin_known_answer_stripes_and_padding():
+    # q = k = 0: uniform weights over each query's stripe. Channel 0 (head 0) sees horizontal stripes of 2 rows
+    # (rows {0, 1} and the padded {2}); channel 1 (head 1) vertical stripes of 2 columns (the whole 3×2 grid)
+    v = torch.tensor([[[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], [[10.0, 20.0], [30.0, 40.0], [50.0, 60.0]]]],
+                     dtype=torch.float64)
+    zeros = torch.zeros_like(v)
+    out = build_affinity("cswin2", dim=2, heads=2)(v, zeros, zeros)
+    want = torch.tensor([[[[2.5, 2.5], [2.5, 2.5], [5.5, 5.5]], [[35.0] * 2] * 3]], dtype=torch.float64)
+    torch.testing.assert_close(out, want)  # padded keys would give row 2 (5 + 6 + 0 + 0) / 4 = 2.75
+
+
+def test_shuffled_window_known_answer_and_size_rule():
+    # 4×4 grid, window 2: the shuffle groups tokens with equal (y mod 2, x mod 2); q = k = 0 averages each group:
+    # the values 4y + x at (a + 2i, b + 2j) average to 4a + b + 5
+    v = torch.arange(16, dtype=torch.float64).reshape(1, 1, 4, 4)
+    zeros = torch.zeros_like(v)
+    out = build_affinity("shuffle_window2", dim=1, heads=1)(v, zeros, zeros)
+    ys, xs = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    torch.testing.assert_close(out[0, 0], (4 * (ys % 2) + xs % 2 + 5).double())
+    with pytest.raises(ValueError, match="multiples of window=3; got 4×4"):
+        build_affinity("shuffle_window3", dim=1, heads=1)(v, zeros, zeros)
+    with pytest.raises(ValueError, match="heads must be even"):
+        build_affinity("cswin7", dim=6, heads=3)
+
+
 # ---------------------------------------------------------------- never N×N in forward
 
 @pytest.mark.parametrize("spec", ["window7", "shifted_window7", "neighbourhood5", "axial",
                                   "chain(window7,neighbourhood3)", "masked(sa,band5+global16)",
-                                  "masked(sa,dilated3_2)"])
+                                  "masked(sa,dilated3_2)", "cswin7", "shuffle_window8"])
 def test_sparse_patterns_never_materialise_n_by_n(spec):
     grid, dim = (64, 64), 16  # N = 4096, N² = 16.8M elements
     torch.manual_seed(0)
@@ -478,3 +489,26 @@ def test_sparse_patterns_never_materialise_n_by_n(spec):
     n = grid[0] * grid[1]
     with torch.no_grad():
         assert largest_intermediate(lambda: aff(v, q, k)) < n * n / 8
+
+
+# ---------------------------------------------------------------- the design-space table (`ctxagg space`)
+
+def test_ctxagg_space_lists_every_registered_affinity_and_the_reading_list(tmp_path, capsys):
+    from ctxagg.affinity import affinity_names
+    from ctxagg.affinity.space import READING_LIST
+    from ctxagg.bench.space import block_cost
+    from ctxagg.cli import main
+
+    out = tmp_path / "space.json"
+    assert main(["space", "--no-measure", "--reading-list", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in affinity_names():
+        assert f"`{name}`" in printed, name
+    assert len(READING_LIST) == 73 and "| 73 | Aggregated Pyramid Vision Transformer |" in printed
+    assert main(["space", "--no-measure", "--json", str(out)]) == 2  # an earlier table is kept
+    assert "already exists" in capsys.readouterr().err
+    # the measured columns: a dense attention block costs N²-ish, a 7×7 window block N·49-ish
+    params_sa, macs_sa = block_cost("sa", 56)
+    params_win, macs_win = block_cost("window7", 56)
+    assert params_win - params_sa == 13 ** 2 * 4  # the window's relative-position table, per head
+    assert macs_sa > 4 * macs_win

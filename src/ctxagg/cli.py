@@ -56,22 +56,36 @@ def _add_parser(sub: argparse._SubParsersAction, name: str, **kwargs) -> argpars
     return p
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
-    from ctxagg.bench.zoo import format_table, model_rows
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", help="also write the rows as JSON to this path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
+
+def _refuse_existing_json(args: argparse.Namespace) -> None:
+    """Before any work: an existing --json file is kept unless --overwrite."""
     if args.json and os.path.exists(args.json) and not args.overwrite:
         raise RunExistsError(f"--json {args.json} already exists; nothing was changed. Use another path or "
                              "--overwrite to replace it")
+
+
+def _write_json(args: argparse.Namespace, rows: list) -> None:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from ctxagg.bench.zoo import format_table, model_rows
+
+    _refuse_existing_json(args)
     rows = model_rows(args.filter or ["*"], flops=not args.no_flops, img_size=args.img_size,
                       activations=not args.no_activations, throughput=args.throughput,
                       throughput_batch=args.throughput_batch)
     if not rows:
         raise ConfigError(f"no registered model matches {args.filter}")
     print(format_table(rows, args.img_size))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-        print(f"wrote {args.json}")
+    _write_json(args, rows)
     return 0
 
 
@@ -87,8 +101,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--throughput", action="store_true",
                    help="also measure fp32 images/s on this machine (slow: a few forward passes per model)")
     p.add_argument("--throughput-batch", type=int, default=1, help="batch size of the throughput measurement")
-    p.add_argument("--json", help="also write the rows as JSON to this path")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    _add_json(p)
     p.set_defaults(func=_cmd_models)
 
 
@@ -346,6 +359,30 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _cmd_space(args: argparse.Namespace) -> int:
+    from ctxagg.bench.space import format_reading_list, format_space_table, space_rows
+
+    _refuse_existing_json(args)
+    rows = space_rows(measure=not args.no_measure)
+    print(format_space_table(rows))
+    if args.reading_list:
+        print()
+        print(format_reading_list())
+    _write_json(args, rows)
+    return 0
+
+
+def _add_space(sub: argparse._SubParsersAction) -> None:
+    p = _add_parser(sub, "space", help="the design space: every affinity's paper, pattern, cost, measured block",
+                    description="One row per registered affinity: paper, static/dynamic, which entries of A may be "
+                                "non-zero, the cost of A·V, and params/GMACs of one Container block with it at "
+                                "C=128 on 56² and 14² grids (counted on the meta device).")
+    p.add_argument("--no-measure", action="store_true", help="skip the params/GMACs columns")
+    p.add_argument("--reading-list", action="store_true", help="also print where each reading-list paper stands")
+    _add_json(p)
+    p.set_defaults(func=_cmd_space)
+
+
 def _add_ssl(sub: argparse._SubParsersAction) -> None:
     from ctxagg.ssl.cli import add_ssl_subcommands
 
@@ -359,7 +396,8 @@ def _add_dense(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_train, _add_eval, _add_compare, _add_bench, _add_inspect, _add_export, _add_ssl, _add_dense]
+    _add_models, _add_train, _add_eval, _add_compare, _add_bench, _add_inspect, _add_export, _add_space,
+    _add_ssl, _add_dense]
 
 
 def build_parser() -> argparse.ArgumentParser:

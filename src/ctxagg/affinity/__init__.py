@@ -18,6 +18,7 @@ from .chain import AffinityChain
 from .axial import AxialAttention
 from .conv_attention import QuadraticEncodingAttention
 from .masked import MaskedAttention, SparsePattern
+from .stripes import CrossShapedWindowAttention, ShuffledWindowAttention
 
 __all__ = [
     "Affinity", "SelfAttentionAffinity", "DepthwiseConvAffinity", "GroupConvAffinity", "TokenMlpAffinity",
@@ -26,5 +27,5 @@ __all__ = [
     "affinity_names", "KeyOnlyAttention", "LocallyEnhancedSelfAttention", "RelativeSelfAttention2d",
     "AttentionAugmentedConv", "DepthwiseSelfAttention", "to_tokens", "from_tokens", "WindowAttention",
     "NeighbourhoodAttention", "AffinityChain", "AxialAttention", "QuadraticEncodingAttention", "MaskedAttention",
-    "SparsePattern",
+    "SparsePattern", "CrossShapedWindowAttention", "ShuffledWindowAttention",
 ]

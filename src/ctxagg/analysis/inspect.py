@@ -7,6 +7,8 @@ For every block's affinity (captured with forward hooks, see :mod:`.affinity_map
 - ``mixture_weights.png`` — α and β of each mixture block (Container Eq. 9), what the model learned to use;
 - ``locality.png`` — the locality score per layer (affinity mass within radius r of the query) next to
   the uniform-affinity chance level, so "emergence of locality" is a number;
+- ``affinity_matrices.png`` — the whole N×N matrix (head 0) of each kind of affinity, at its largest layer with
+  N ≤ 1024: block-diagonal (windows), banded (neighbourhoods, convolutions), products (axial), dense (attention);
 - ``lesa_shares.png`` — for LESA/SA ResNets, the unary/binary fusion weights (LESA Table 2) and the
   softmax weight of the diagonal (LESA Table 1), from :mod:`ctxagg.analysis.lesa`;
 - ``inspect.json`` — all of the numbers, plus the model's top-5 prediction.
@@ -25,13 +27,14 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..runs import output_dir, refuse_existing
-from .affinity_maps import (AffinityCall, call_rows, capture_affinity_calls, layer_statistics, mixture_weights,
-                            query_token, rows_to_grid)
+from .affinity_maps import (AffinityCall, affinity_rows, call_rows, capture_affinity_calls, layer_statistics,
+                            mixture_weights, query_token, rows_to_grid)
 from .lesa import attention_layers, diagonal_shares, fusion_weight_shares, mean_share
 
 __all__ = ["load_model", "load_image", "inspect_model", "render", "run_inspect", "INSPECT_OUTPUTS"]
 
-INSPECT_OUTPUTS = ("static_affinity.png", "dynamic_attention.png", "mixture_weights.png", "locality.png",
+INSPECT_OUTPUTS = ("static_affinity.png", "dynamic_attention.png", "affinity_matrices.png", "mixture_weights.png",
+                   "locality.png",
                    "lesa_shares.png", "inspect.json")
 
 
@@ -152,7 +155,46 @@ def inspect_model(model: nn.Module, image: Tensor, queries: Optional[Sequence[Se
             fusion = fusion_weight_shares(model, image)
             lesa.update(fusion_shares={k: list(v) for k, v in fusion.items()}, mean_fusion_share=list(mean_share(fusion)))
         numbers["lesa"] = lesa
-    return dict(numbers=_finite(numbers), maps=dict(static=static_maps, dynamic=dynamic_maps))
+    return dict(numbers=_finite(numbers), maps=dict(static=static_maps, dynamic=dynamic_maps,
+                                                    full=full_matrices(calls)))
+
+
+def full_matrices(calls: Sequence[AffinityCall], max_tokens: int = 1024) -> list[dict[str, Any]]:
+    """For each kind of affinity, the |A| (first image, head 0) of its largest call with N ≤ ``max_tokens``."""
+    chosen: dict[str, AffinityCall] = {}
+    for call in calls:
+        kind = type(call.affinity).__name__
+        if call.prefix == 0 and call.tokens <= max_tokens and (kind not in chosen or call.tokens > chosen[kind].tokens):
+            chosen[kind] = call
+    out = []
+    for kind, call in chosen.items():
+        try:
+            a = affinity_rows(call.affinity, call, torch.arange(call.tokens))
+        except (ValueError, RuntimeError):  # no spatial N×N form (channel-mixing operators): nothing to draw
+            continue
+        out.append(dict(label=f"{short_label(call.name)}: {kind}", grid=call.grid, matrix=a[0, 0].abs().float()))
+    return out
+
+
+def _plot_matrices(entries: list[dict], path: Path, title: str) -> None:
+    plt = _plt()
+    cols = min(4, len(entries))
+    rows = math.ceil(len(entries) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.0, 3.2 * cols), 3.8 * rows), squeeze=False)
+    for ax, entry in zip(axes.flat, entries):
+        a = entry["matrix"].numpy()
+        ax.imshow(a ** 0.5, cmap="magma", interpolation="nearest")  # square root: small entries stay visible
+        h, w = entry["grid"]
+        ax.set_title(f"{entry['label']}\n{h}×{w} grid, N = {h * w}", fontsize=7)
+        ax.set_xlabel("key token (y·W + x)", fontsize=6)
+        ax.set_ylabel("query token", fontsize=6)
+        ax.tick_params(labelsize=5)
+    for ax in list(axes.flat)[len(entries):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def _plt():
@@ -252,6 +294,9 @@ def render(result: dict[str, Any], shown: np.ndarray, out: Path, name: str) -> l
         files.append(out / "dynamic_attention.png")
         _plot_dynamic(maps["dynamic"], shown, numbers["queries_px"][0], files[-1],
                       f"{name}: dynamic affinity of query {tuple(numbers['queries_px'][0])} per head")
+    if maps.get("full"):
+        files.append(out / "affinity_matrices.png")
+        _plot_matrices(maps["full"], files[-1], f"{name}: the whole affinity matrix |A| (head 0, √ scale) per kind")
     layers = numbers["layers"]
     mixed = [layer for layer in layers if "alpha" in layer]
     if mixed:

@@ -1,10 +1,11 @@
 """Memory and latency vs input size (`ctxagg bench --sweep resolution`).
 
-Two comparisons on one fixed architecture each, batch 16 by default:
+Comparisons on one fixed architecture each, batch 16 by default:
 - ``linglos``: LinGlos Figure 4 (§5.2) — LinGlo-b0 with key-only attention vs the same network with every
   key-only attention replaced by dot-product attention (both re-parameterised, i.e. deployed);
 - ``container``: Container vs Container-Light (container.txt §3.5: Light switches the dynamic affinity off
-  in the high-resolution stages, which is what lets it scale to detection inputs).
+  in the high-resolution stages, which is what lets it scale to detection inputs);
+- ``patterns``: dense, window, neighbourhood, axial and key-only attention in the same Container base.
 
 Each (model, size) gets two numbers that need no run, from one pass on the ``meta`` device (nothing is
 computed or allocated): its GMACs and its peak tensor memory with attention *materialised* (softmax of a
@@ -34,6 +35,14 @@ SWEEPS: dict[str, tuple[str, list[tuple[str, str, dict[str, Any]]]]] = {
                                    ("linglo_b0 dot-product", "linglo_b0", {"attention": "dot"})]),
     "container": ("Container §3.5", [("container_light", "container_light", {}),
                                      ("container", "container", {})]),
+    # where attention looks (design space part 1), everything else equal: the Container-Light base with one
+    # mixer in all four stages
+    "patterns": ("design space: sparsity patterns", [
+        ("dense sa (container_hdeit_s)", "container_hdeit_s", {}),
+        ("window7/shifted (container_swin)", "container_swin", {}),
+        ("neighbourhood5", "container_light", {"mixers": ["neighbourhood5"] * 4}),
+        ("axial (container_axial)", "container_axial", {}),
+        ("key-only", "container_light", {"mixers": ["key_only"] * 4})]),
 }
 
 

@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import dispatch_clip_grad
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import ConfigError
+from ..train.distributed import init_distributed, rank_and_world, resolve_device
 from ..train.checkpoint import (atomic_write, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat,
                                 rng_state, save_checkpoint, set_rng_state)
 from .config import DenseConfig, build_datasets
@@ -57,11 +60,14 @@ def main_metric(task: str) -> str:
     return "bbox_map" if task == "detect" else "miou"
 
 
-def _epoch_loader(dataset: Dataset, cfg: DenseConfig, epoch: int) -> DataLoader:
-    # the order depends only on (seed, epoch): a resumed run sees the batches the uninterrupted one saw
+def _epoch_loader(dataset: Dataset, cfg: DenseConfig, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
+    """This process's batches of one epoch. The order depends only on (seed, epoch), so a resumed run sees the
+    batches the uninterrupted one saw; under torchrun each of the ``world`` processes takes every world-th image
+    of the global batches (global batch ``cfg.batch_size``, as `ctxagg train`)."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    return DataLoader(Subset(dataset, order.tolist()), batch_size=cfg.batch_size, shuffle=False, drop_last=True,
-                      num_workers=cfg.workers, collate_fn=collate)
+    order = order[:len(order) // cfg.batch_size * cfg.batch_size][rank::world]
+    return DataLoader(Subset(dataset, order.tolist()), batch_size=cfg.batch_size // world, shuffle=False,
+                      drop_last=True, num_workers=cfg.workers, collate_fn=collate)
 
 
 def _segment_batch(images: list[Tensor], labels: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -177,7 +183,7 @@ def _setup(cfg: DenseConfig, resume: Optional[str]):
     model = build_dense_model(cfg, len(classes))
     if cfg.backbone_checkpoint is not None:  # the weights now live in the run; rebuilds need only the architecture
         cfg = replace(cfg, backbone_checkpoint=None, model_kwargs=_backbone_kwargs(model))
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model.to(device)
     optimizer = create_optimizer_v2(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = len(train_set) // cfg.batch_size
@@ -191,12 +197,6 @@ def _setup(cfg: DenseConfig, resume: Optional[str]):
         set_rng_state(tensors, meta["rng"])
         start, history = meta["epoch"] + 1, meta["history"]
     return cfg, (train_set, val_set, classes), model, device, optimizer, scheduler, start, history
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _backbone_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -230,7 +230,7 @@ def _train_epoch(model, cfg: DenseConfig, loader, optimizer, scheduler, device, 
         if cfg.max_steps is not None and steps >= cfg.max_steps:
             break
         loss, parts = training_loss(model, cfg, images, targets, device)
-        if not torch.isfinite(loss):
+        if not _all_finite(loss):  # every process stops together, or DDP's all-reduce would hang
             raise FloatingPointError(f"non-finite loss {parts} at step {steps}; lower --lr or set --clip-grad")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -244,39 +244,81 @@ def _train_epoch(model, cfg: DenseConfig, loader, optimizer, scheduler, device, 
             sums[k] = sums.get(k, 0.0) + v
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{sums['train_loss'] / seen:.4f}")
-    return {k: v / max(seen, 1) for k, v in sums.items()}, steps
+    return _mean_over_processes({k: v / max(seen, 1) for k, v in sums.items()}), steps
+
+
+def _all_finite(loss: Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """The epoch's mean losses over every process's share (unchanged in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def train_dense(cfg: DenseConfig, output: Optional[str] = None, resume: Optional[str] = None,
                 overwrite: bool = False, progress: bool = True) -> DenseResult:
     """Train ``cfg.arch`` on ``cfg.backbone`` with ``cfg.data``; ``resume`` (a run folder or its
-    last.safetensors) continues exactly where that run's last finished epoch left off."""
+    last.safetensors) continues exactly where that run's last finished epoch left off. Under torchrun the
+    processes train one DistributedDataParallel model (gloo on CPU, nccl on GPU) on shares of each global batch;
+    rank 0 evaluates and writes."""
+    init_distributed(resolve_device(cfg.device))
+    rank, world = rank_and_world()
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     out = _output_dir(cfg, output, overwrite, resume)
     cfg, (train_set, val_set, classes), model, device, optimizer, scheduler, start, history = _setup(cfg, resume)
-    atomic_write(out / "config.json", json.dumps(dict(cfg.to_json(), classes=classes), indent=2).encode())
+    if rank == 0:
+        atomic_write(out / "config.json", json.dumps(dict(cfg.to_json(), classes=classes), indent=2).encode())
+    if world > 1:  # detectors leave some parameters unused in a step (e.g. mask heads without positives)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=True)
     steps = history[-1]["steps"] if history else 0
     for epoch in range(start, cfg.epochs):
         if cfg.max_steps is not None and steps >= cfg.max_steps:
             break
         t0 = time.perf_counter()
-        loader = _epoch_loader(train_set, cfg, epoch)
+        loader = _epoch_loader(train_set, cfg, epoch, rank, world)
         losses, steps = _train_epoch(model, cfg, loader, optimizer, scheduler, device, steps,
-                                     f"epoch {epoch + 1}/{cfg.epochs}", progress)
+                                     f"epoch {epoch + 1}/{cfg.epochs}", progress and rank == 0)
         scheduler.step(epoch + 1)
-        train_seconds = time.perf_counter() - t0
-        val = evaluate_model(model, cfg, val_set, device, len(classes))
-        history.append(dict(epoch=epoch, steps=steps, **losses, **val, lr=optimizer.param_groups[0]["lr"],
-                            epoch_seconds=train_seconds))
-        _write_epoch(out, model, optimizer, cfg, epoch, steps, history, classes)
-        key = main_metric(cfg.task)
-        print(f"epoch {epoch + 1}: train_loss {losses.get('train_loss', float('nan')):.4f} {key} {val[key]:.4f} "
-              f"({train_seconds:.1f}s)", flush=True)
-    if history:
+        if rank == 0:
+            _finish_epoch(_unwrap(model), cfg, out, optimizer, epoch, steps, losses, time.perf_counter() - t0,
+                          history, (val_set, classes), device)
+        if world > 1:
+            dist.barrier()  # the others wait while rank 0 evaluates and writes
+    if history and rank == 0:
         from .visualize import plot_dense_curves, plot_predictions
         plot_dense_curves(history, out / "curves.png", main_metric(cfg.task),
                           title=f"{cfg.arch} + {cfg.backbone} on {cfg.data}")
-        plot_predictions(model, cfg, val_set, classes, device, out / "predictions.png")
+        plot_predictions(_unwrap(model), cfg, val_set, classes, device, out / "predictions.png")
     return DenseResult(out, history)
+
+
+def _finish_epoch(model: nn.Module, cfg: DenseConfig, out: Path, optimizer, epoch: int, steps: int,
+                  losses: dict[str, float], seconds: float, history: list[dict[str, Any]], val_data: tuple,
+                  device: torch.device) -> None:
+    """Evaluate, append the epoch's record, write the checkpoints and metrics, print a line (rank 0)."""
+    val_set, classes = val_data
+    val = evaluate_model(model, cfg, val_set, device, len(classes))
+    history.append(dict(epoch=epoch, steps=steps, **losses, **val, lr=optimizer.param_groups[0]["lr"],
+                        epoch_seconds=seconds))
+    _write_epoch(out, model, optimizer, cfg, epoch, steps, history, classes)
+    key = main_metric(cfg.task)
+    print(f"epoch {epoch + 1}: train_loss {losses.get('train_loss', float('nan')):.4f} {key} {val[key]:.4f} "
+          f"({seconds:.1f}s)", flush=True)
 
 
 def evaluate_dense(checkpoint: str, data: Optional[str] = None, output: Optional[str] = None,
@@ -303,7 +345,7 @@ def evaluate_dense(checkpoint: str, data: Optional[str] = None, output: Optional
                           f"{len(meta['classes'])} ({meta['classes']})")
     model = build_dense_model(cfg, len(classes))
     load_model_weights(model, path)
-    dev = _device(device)
+    dev = resolve_device(device)
     model.to(dev)
     result = evaluate_model(model, cfg, val_set, dev, len(classes), progress)
     out = (new_run_dir(path.parent, "eval", "val", stamp=False) if output is None

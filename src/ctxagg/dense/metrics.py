@@ -28,8 +28,10 @@ class DetectionMetric:
         from torchmetrics.detection import MeanAveragePrecision
 
         self.masks = masks
-        self.box = MeanAveragePrecision(iou_type="bbox", backend=coco_backend())
-        self.segm = MeanAveragePrecision(iou_type="segm", backend=coco_backend()) if masks else None
+        # sync_on_compute off: one process evaluates (rank 0 under torchrun); a sync would wait for the others
+        self.box = MeanAveragePrecision(iou_type="bbox", backend=coco_backend(), sync_on_compute=False)
+        self.segm = (MeanAveragePrecision(iou_type="segm", backend=coco_backend(), sync_on_compute=False)
+                     if masks else None)
 
     def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
         cpu = [{k: v.detach().cpu() for k, v in p.items()} for p in preds]
@@ -61,9 +63,10 @@ class SegmentationMetric:
     def __init__(self, num_classes: int, ignore_index: int = 255):
         from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-        self.iou = MulticlassJaccardIndex(num_classes, ignore_index=ignore_index, average="macro")
-        self.per_class = MulticlassJaccardIndex(num_classes, ignore_index=ignore_index, average="none")
-        self.accuracy = MulticlassAccuracy(num_classes, ignore_index=ignore_index, average="micro")
+        local = dict(ignore_index=ignore_index, sync_on_compute=False)  # one process evaluates (as above)
+        self.iou = MulticlassJaccardIndex(num_classes, average="macro", **local)
+        self.per_class = MulticlassJaccardIndex(num_classes, average="none", **local)
+        self.accuracy = MulticlassAccuracy(num_classes, average="micro", **local)
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         preds, target = preds.detach().cpu(), target.detach().cpu()

@@ -42,6 +42,10 @@ PAPER_NUMBERS: dict[str, dict[str, Any]] = {
     "container_mlp_lr": dict(params=36.5, **_T2),
     "container_mh_mlp_lr": dict(params=41.6, **_T2),
     "container_pam": dict(source="Container §4.1 (DeiT-S + static MLP affinity; no count given)"),
+    # design-space compositions in the Light base (no paper count: exact regression pins of our own build)
+    "container_swin": dict(source="Swin mixers in the Container base (ours)", params_exact=22_334_766),
+    "container_axial": dict(source="axial mixers in the Container base (ours)", params_exact=22_309_416),
+    "container_cswin": dict(source="CSWin mixers in the Container base (ours)", params_exact=22_309_416),
 }
 
 # Table 2 variants registered before the family prefix; the old names warn and build the new model.
@@ -57,13 +61,14 @@ class ContainerNet(StagedBackbone):
     positional conv, 1×1 projections, 1×1-conv MLP), a final BatchNorm, average pooling and a linear head.
 
     Args:
-        mixers: one affinity spec per stage (see :func:`ctxagg.affinity.build_affinity`).
+        mixers: one affinity spec per stage (see :func:`ctxagg.affinity.build_affinity`), or a sequence of specs
+            that the stage's blocks take in turn (Swin's ``("window7", "shifted_window7")``).
         head_dim: channels per head C/M (Container Table 2 uses 32 for attention and multi-head mixers).
         img_size: only used by fixed-size affinities (token MLPs), which are built for its grid.
         mlp_rank: rank of low-rank token MLPs, as a fraction of N (float) or an absolute rank (int).
     """
 
-    def __init__(self, mixers: Sequence[str] = ("dw5", "dw5", "dw5", "mix(sa,dw5)"),
+    def __init__(self, mixers: Sequence[str | Sequence[str]] = ("dw5", "dw5", "dw5", "mix(sa,dw5)"),
                  dims: Sequence[int] = (64, 128, 320, 512), depths: Sequence[int] = (3, 4, 8, 3),
                  patch_sizes: Sequence[int] = (4, 2, 2, 2), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
                  head_dim: int = 32, img_size: Any = 224, in_chans: int = 3, num_classes: int = 1000,
@@ -77,7 +82,7 @@ class ContainerNet(StagedBackbone):
         if not len(mixers) == len(dims) == len(depths) == len(patch_sizes) == len(mlp_ratios):
             raise ValueError("mixers, dims, depths, patch_sizes and mlp_ratios need one entry per stage")
         self.model_name = model_name
-        self.mixers = tuple(mixers)
+        self.mixers = tuple(m if isinstance(m, str) else tuple(m) for m in mixers)
         img_size = to_2tuple(img_size)
         dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         block_args = dict(pos_kernel=pos_kernel, drop=proj_drop_rate)
@@ -90,8 +95,9 @@ class ContainerNet(StagedBackbone):
             rank = mlp_rank if mlp_rank_stages is None or mlp_rank_stages[i] else None  # None: dense
             context = dict(affinity_args, dim=dim, heads=max(1, dim // head_dim), mlp_rank=rank,
                            grid=(img_size[0] // stride, img_size[1] // stride))
-            blocks = [AggregationBlock(dim, build_affinity(spec, **context), ratio, drop_path=rate, **block_args)
-                      for rate in dp_rates[i]]
+            specs = (spec,) if isinstance(spec, str) else tuple(spec)
+            blocks = [AggregationBlock(dim, build_affinity(specs[j % len(specs)], **context), ratio, drop_path=rate,
+                                       **block_args) for j, rate in enumerate(dp_rates[i])]
             stages.append(Stage(downsample, blocks))
             self.feature_info.append(stage_info(i, dim, stride))
         self.stages = nn.Sequential(*stages)
@@ -163,6 +169,9 @@ default_cfgs = generate_default_cfgs({
     "container_light_paper": _cfg(),
     "container": _cfg(),
     "container_hdeit_s": _cfg(),
+    "container_swin": _cfg(),
+    "container_axial": _cfg(),
+    "container_cswin": _cfg(),
     "container_conv3": _cfg(),
     "container_group_conv3": _cfg(),
     "container_dw3": _cfg(),
@@ -210,6 +219,32 @@ def container(pretrained: bool = False, **kwargs) -> ContainerNet:
     """
     model_args = dict(mixers=("mix(sa,dw5)",) * 4)
     return _create_container("container", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def container_swin(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """Swin's mixer in the Container-Light base: blocks alternate 7×7 windows and shifted windows in every stage
+    (Swin §3.2; at the 7×7 last stage the shift is skipped, as Swin does). The design space's Swin row with
+    everything else equal: 22,334,766 parameters, 4.46 GMACs at 224² (measured; H-DeiT-S, the same base with global
+    attention, has 22.31M and 8.91 GMACs)."""
+    model_args = dict(mixers=(("window7", "shifted_window7"),) * 4)
+    return _create_container("container_swin", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def container_axial(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """Axial attention (row then column, Ho et al. §3) in every stage of the Container-Light base: 22,309,416
+    parameters, 4.51 GMACs at 224² (measured)."""
+    model_args = dict(mixers=("axial",) * 4)
+    return _create_container("container_axial", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def container_cswin(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """CSWin's cross-shaped windows in the Container-Light base, with CSWin-T's stripe widths 1, 2, 7, 7
+    (CSWin §3.2, Table 1): 22,309,416 parameters, 4.52 GMACs at 224² (measured)."""
+    model_args = dict(mixers=("cswin1", "cswin2", "cswin7", "cswin7"))
+    return _create_container("container_cswin", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
