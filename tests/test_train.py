@@ -131,3 +131,24 @@ def test_every_family_trains_on_cifar_size_input(tmp_path, model):
     assert result.history[0]["steps"] == 2 and result.history[0]["train_loss"] > 0
     meta = load_checkpoint(tmp_path / model / "model.safetensors")[1]
     assert meta["config"]["img_size"] == 32
+
+
+def test_a_library_drawing_random_numbers_while_data_loads_does_not_change_the_run(tmp_path, monkeypatch):
+    """scikit-learn draws from Python's global generator when first imported (the digits loader imports it lazily),
+    so a process's first run used to differ from its second; every generator is seeded after the data is loaded."""
+    import random
+
+    import numpy as np
+
+    from ctxagg.train import engine
+
+    plain = train(_tiny(tmp_path, "plain", epochs=1, max_steps=2), progress=False)
+    load = engine._load_arrays
+
+    def load_and_draw(cfg):
+        random.random(), np.random.rand(), torch.rand(1)  # what a first import may do
+        return load(cfg)
+
+    monkeypatch.setattr(engine, "_load_arrays", load_and_draw)
+    drawn = train(_tiny(tmp_path, "drawn", epochs=1, max_steps=2), progress=False)
+    assert [h["train_loss"] for h in drawn.history] == [h["train_loss"] for h in plain.history]

@@ -22,11 +22,19 @@ __all__ = ["main", "build_parser", "resolve_model_name", "LIBRARY_ERRORS"]
 # what `main` reports in one line: the library's own errors, bad inputs, and the file system's (a full disk,
 # a missing path: the message names the file)
 LIBRARY_ERRORS = (CtxaggError, InputError, OSError)
-BENCH_TOOLS = ("throughput", "sweep", "deploy")
+BENCH_TOOLS = ("throughput", "sweep", "deploy", "dense")
 
 
 def _csv(text: str, kind: Callable = str) -> list:
     return [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _hw_size(text: str) -> tuple[int, int]:
+    """``"800x1333"`` (or a side alone) -> (800, 1333)."""
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"size {text!r} is not HxW (e.g. 800x1333) or a side")
+    return (int(parts[0]), int(parts[-1]))
 
 
 def _models(text: str) -> list[str]:
@@ -115,6 +123,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.tool == "sweep":
         report = commands.run_sweep(_csv(args.img_sizes, int), args.batch_size, _csv(args.families), args.warmup,
                                     args.repeats, args.max_seconds, args.device, args.output, args.overwrite)
+    elif args.tool == "dense":
+        from ctxagg.dense.bench import run_dense_bench
+        report = run_dense_bench(_models(args.models), [_hw_size(t) for t in _csv(args.sizes)], args.batch_size,
+                                 args.warmup, args.repeats, args.max_seconds, args.device, args.output, args.overwrite)
     elif args.tool == "deploy":
         report = commands.run_deploy(_models(args.models) if args.models else None, args.batch_size, args.img_size,
                                      args.warmup, args.repeats, not args.no_compile, args.output, args.overwrite)
@@ -136,9 +148,9 @@ def _bench_common(p: argparse.ArgumentParser, warmup: int, repeats: int) -> None
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = _add_parser(sub, "bench", help="speed and memory: `bench throughput|sweep|deploy`",
-                    description="Three measuring tools; each writes its numbers to a results folder.")
-    tools = p.add_subparsers(dest="tool", required=True, metavar="{throughput,sweep,deploy}")
+    p = _add_parser(sub, "bench", help="speed and memory: `bench throughput|sweep|deploy|dense`",
+                    description="Four measuring tools; each writes its numbers to a results folder.")
+    tools = p.add_subparsers(dest="tool", required=True, metavar="{throughput,sweep,deploy,dense}")
     t = _add_parser(tools, "throughput", help="img/s, latency (median, IQR) and peak memory over a grid",
                     description="Inference throughput, latency over --repeats passes after --warmup, and peak "
                                 "memory (CPU: peak live tensor bytes per ATen op; CUDA: max_memory_allocated) over "
@@ -173,6 +185,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--img-size", type=int, default=224)
     d.add_argument("--no-compile", action="store_true", help="without torch.compile")
     _bench_common(d, warmup=1, repeats=3)
+    n = _add_parser(tools, "dense", help="backbones as detectors see them, at 512×512 and 800×1333",
+                    description="Each backbone built for dense prediction (any input size; the four FPN levels) "
+                                "at segmentation and detection sizes: predicted GMACs and materialised-attention "
+                                "memory everywhere, measured latency and peak memory where a pass fits "
+                                "--max-seconds. Writes bench_dense.json.")
+    n.add_argument("--models", default="container_light,container,linglo_b0,resnet50_lesa,swin_t",
+                   help="comma-separated backbone names (any ctxagg or timm model)")
+    n.add_argument("--sizes", default="512x512,800x1333", help="comma-separated HxW")
+    n.add_argument("--batch-size", type=int, default=1)
+    n.add_argument("--max-seconds", type=float, default=30.0,
+                   help="run a size only if its predicted time a pass fits (else predictions only)")
+    n.add_argument("--device", default="cpu")
+    _bench_common(n, warmup=1, repeats=3)
 
 
 def _old_bench_usage(argv: Sequence[str]) -> Optional[str]:

@@ -18,7 +18,7 @@ keep their predictions and are marked ``skipped`` with the reason.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import timm
 import torch
@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .throughput import PeakTensorBytes, benchmark, build_bench_model
 
-__all__ = ["SWEEPS", "predict_cost", "resolution_sweep", "format_sweep", "plot_sweep"]
+__all__ = ["SWEEPS", "predict_cost", "sweep_models", "resolution_sweep", "format_sweep", "plot_sweep", "size_label"]
 
 # family -> (source, [(label, model name, create kwargs)])
 SWEEPS: dict[str, tuple[str, list[tuple[str, str, dict[str, Any]]]]] = {
@@ -52,53 +52,77 @@ def _deployed(name: str, kwargs: dict[str, Any]) -> nn.Module:
     return timm.models.reparameterize_model(build_bench_model(name, **kwargs), inplace=True)
 
 
+Size = Union[int, tuple[int, int]]
+
+
+def _hw(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def size_label(size: Size) -> Union[int, str]:
+    """A square size as its side, any other as ``"HxW"``."""
+    h, w = _hw(size)
+    return h if h == w else f"{h}x{w}"
+
+
 @torch.no_grad()
-def predict_cost(model: nn.Module, batch: int, size: int) -> tuple[float, float]:
+def predict_cost(model: nn.Module, batch: int, size: Size) -> tuple[float, float]:
     """(GMACs, peak MB) of one forward pass, counted on a ``meta`` copy: exact for any size, nothing allocated.
     Attention goes through SDPA's math path there, so the memory is that of materialised N×N scores."""
     import copy
 
     meta = copy.deepcopy(model).to("meta")
-    x = torch.empty(batch, 3, size, size, device="meta")
+    x = torch.empty(batch, 3, *_hw(size), device="meta")
     with FlopCounterMode(display=False) as flops, PeakTensorBytes() as memory:
         meta(x)
     return flops.get_total_flops() / 2e9, memory.peak / 2 ** 20
+
+
+def sweep_models(members: Sequence[tuple[str, Callable[[], nn.Module]]], sizes: Sequence[Size], batch: int = 16,
+                 warmup: int = 1, repeats: int = 3, max_seconds: float = 15.0, device: str = "cpu",
+                 progress: Optional[Callable[[dict[str, Any]], None]] = None, **fields: Any) -> list[dict[str, Any]]:
+    """One row per (model, size), sizes in increasing area, for models built by ``members`` ((label, builder)
+    pairs): predicted GMACs and materialised peak MB; measured latency, throughput and peak MB where the time
+    budget allows. ``fields`` are copied into every row (family, source).
+
+    ``max_seconds`` bounds one pass: a size is run only if its predicted pass time fits, and then with as
+    many of the ``repeats`` timed passes as fit in ``max_seconds`` (at least one). The prediction is the last
+    measured size's ms per GMAC times this size's GMACs (``predicted_latency_ms``)."""
+    rows = []
+    for label, build in members:
+        model = build()
+        rate = None  # ms per GMAC at the largest size measured so far
+        for size in sorted(sizes, key=lambda s: _hw(s)[0] * _hw(s)[1]):
+            gmacs, predicted_mb = predict_cost(model, batch, size)
+            predicted_ms = None if rate is None else rate * gmacs
+            row = dict(fields, model=label, size=size_label(size), batch=batch, gmacs=gmacs,
+                       materialised_peak_mb=predicted_mb, predicted_latency_ms=predicted_ms, status="measured")
+            if predicted_ms is not None and predicted_ms > max_seconds * 1e3:
+                row["status"] = f"skipped: predicted {predicted_ms / 1e3:.0f} s a pass > {max_seconds:g} s budget"
+            else:
+                reps = repeats if predicted_ms is None else max(1, min(repeats, int(max_seconds * 1e3 // predicted_ms)))
+                r = benchmark(model, batch, _hw(size), warmup=warmup, repeats=reps, device=device, label=label)
+                row.update({k: r[k] for k in ("latency_ms", "latency_q1_ms", "latency_q3_ms", "latency_iqr_ms",
+                                              "throughput", "peak_mb", "memory_method", "repeats", "times_ms")})
+                rate = r["latency_ms"] / max(gmacs, 1e-9)
+            rows.append(row)
+            if progress:
+                progress(row)
+        del model
+    return rows
 
 
 def resolution_sweep(sizes: Sequence[int] = (224, 320, 448, 640, 800), batch: int = 16,
                      families: Sequence[str] = ("linglos", "container"), warmup: int = 1, repeats: int = 3,
                      max_seconds: float = 15.0, device: str = "cpu",
                      progress: Optional[Callable[[dict[str, Any]], None]] = None) -> list[dict[str, Any]]:
-    """One row per (family, model, size): predicted GMACs and materialised peak MB; measured latency,
-    throughput and peak MB where the time budget allows (see the module docstring).
-
-    ``max_seconds`` bounds one pass: a size is run only if its predicted pass time fits, and then with as
-    many of the ``repeats`` timed passes as fit in ``max_seconds`` (at least one). The prediction is the last
-    measured size's ms per GMAC times this size's GMACs (``predicted_latency_ms``)."""
+    """The named comparisons of :data:`SWEEPS` through :func:`sweep_models` (see the module docstring)."""
     rows = []
     for family in families:
         source, members = SWEEPS[family]
-        for label, name, kwargs in members:
-            model = _deployed(name, kwargs)
-            rate = None  # ms per GMAC at the largest size measured so far
-            for size in sorted(sizes):
-                gmacs, predicted_mb = predict_cost(model, batch, size)
-                predicted_ms = None if rate is None else rate * gmacs
-                row = dict(family=family, source=source, model=label, size=size, batch=batch, gmacs=gmacs,
-                           materialised_peak_mb=predicted_mb, predicted_latency_ms=predicted_ms, status="measured")
-                if predicted_ms is not None and predicted_ms > max_seconds * 1e3:
-                    row["status"] = (f"skipped: predicted {predicted_ms / 1e3:.0f} s a pass "
-                                     f"> {max_seconds:g} s budget")
-                else:
-                    reps = repeats if predicted_ms is None else max(1, min(repeats, int(max_seconds * 1e3 // predicted_ms)))
-                    r = benchmark(model, batch, size, warmup=warmup, repeats=reps, device=device, label=label)
-                    row.update({k: r[k] for k in ("latency_ms", "latency_q1_ms", "latency_q3_ms", "latency_iqr_ms",
-                                                  "throughput", "peak_mb", "memory_method", "repeats", "times_ms")})
-                    rate = r["latency_ms"] / max(gmacs, 1e-9)
-                rows.append(row)
-                if progress:
-                    progress(row)
-            del model
+        builders = [(label, lambda name=name, kwargs=kwargs: _deployed(name, kwargs)) for label, name, kwargs in members]
+        rows += sweep_models(builders, sizes, batch, warmup, repeats, max_seconds, device, progress,
+                             family=family, source=source)
     return rows
 
 

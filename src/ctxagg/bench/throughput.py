@@ -146,16 +146,16 @@ def _autocast(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def benchmark(model: Union[str, nn.Module], batch_size: int = 1, img_size: int = 224, dtype: str = "fp32",
-              memory_format: str = "contiguous", warmup: int = 2, repeats: int = 5, device: str = "cpu",
+def benchmark(model: Union[str, nn.Module], batch_size: int = 1, img_size: Union[int, tuple[int, int]] = 224,
+              dtype: str = "fp32", memory_format: str = "contiguous", warmup: int = 2, repeats: int = 5, device: str = "cpu",
               memory: bool = True, model_kwargs: Optional[dict[str, Any]] = None, label: Optional[str] = None,
               in_chans: int = 3) -> dict[str, Any]:
     """Measure one inference configuration; see the module docstring for what is measured and how.
 
     ``model``: a registered name (built with ``model_kwargs``, in eval mode) or a module, which is put in
     eval mode and moved to ``device`` and ``memory_format`` *in place*. ``dtype``: ``fp32``, or ``bf16`` /
-    ``fp16`` autocast (weights stay fp32). Returns a JSON-able dict (see :func:`summarise_times` for the
-    timing keys; ``peak_mb`` is None when ``memory`` is off).
+    ``fp16`` autocast (weights stay fp32); ``img_size`` is a side or (H, W). Returns a JSON-able dict (see
+    :func:`summarise_times` for the timing keys; ``peak_mb`` is None when ``memory`` is off).
     """
     if memory_format not in MEMORY_FORMATS:
         raise ConfigError(f"unknown memory format {memory_format!r}; choose one of {sorted(MEMORY_FORMATS)}")
@@ -166,7 +166,8 @@ def benchmark(model: Union[str, nn.Module], batch_size: int = 1, img_size: int =
     net = build_bench_model(model, img_size, **(model_kwargs or {})) if isinstance(model, str) else model
     fmt = MEMORY_FORMATS[memory_format]
     net = net.eval().to(dev, memory_format=fmt)
-    x = torch.randn(batch_size, in_chans, img_size, img_size, device=dev).contiguous(memory_format=fmt)
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    x = torch.randn(batch_size, in_chans, height, width, device=dev).contiguous(memory_format=fmt)
 
     def forward() -> None:
         with torch.no_grad(), _autocast(dev, dtype):  # inference: no autograd graph, no saved activations

@@ -183,6 +183,15 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
+    """Model arguments for training at ``img_size``: at ≤ 64² patch sizes (2, 2, 2, 2) instead of (4, 2, 2, 2), so
+    the stage grids are 16², 8², 4², 2² at 32² (paper-silent); Container-PAM (a ViT) takes 4×4 patches.
+    ``img_size`` sizes the fixed-size token MLPs."""
+    if model_name == "container_pam":
+        return dict(img_size=img_size, **(dict(patch_size=4) if img_size <= 64 else {}))
+    return dict(img_size=img_size, **(dict(patch_sizes=(2, 2, 2, 2)) if img_size <= 64 else {}))
+
+
 def _create_container(variant: str, pretrained: bool = False, **kwargs) -> ContainerNet:
     return build_model_with_cfg(
         ContainerNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,

@@ -242,6 +242,12 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
+    """Model arguments for training at ``img_size``: at ≤ 64² a (3, 2, 1) conv stem instead of (7, 4, 3), which
+    keeps the 16², 8², 4², 2² stage grids at 32² (paper-silent); ``img_size`` sizes the position terms."""
+    return dict(img_size=img_size, **(dict(stem=(3, 2, 1)) if img_size <= 64 else {}))
+
+
 def _create_linglo(variant: str, pretrained: bool = False, **kwargs) -> LinGloNet:
     return build_model_with_cfg(LinGloNet, variant, pretrained, model_name=variant,
                                 feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs)

@@ -185,31 +185,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def input_size_overrides(model: str, img_size: int) -> dict[str, Any]:
-    """Model arguments for training at ``img_size``; backbones designed for 224² are adapted to small
-    (≤ 64²) images so their last stage keeps a 2×2 map at 32² input:
+    """Model arguments for training ``model`` at ``img_size``: what its family's ``small_input_kwargs`` says
+    (each family module keeps its own: backbones designed for 224² are adapted to ≤ 64² images so their last
+    stage keeps a 2×2 map at 32²), or nothing for a model whose module has none (timm's own models)."""
+    import sys
 
-    - Container family: patch sizes (2, 2, 2, 2) instead of (4, 2, 2, 2) (stage grids 16², 8², 4², 2²);
-      Container-PAM (a ViT): 4×4 patches;
-    - LinGlos: a (3, 2, 1) conv stem instead of (7, 4, 3) (same 16², 8², 4², 2² grids);
-    - DeiT: 4×4 patches (8×8 tokens at 32²); Swin: 2×2 patches and 4×4 windows;
-    - LESA ResNets keep torchvision's stem (final map 2×2 at 32² since stage 4 has stride 1).
-    Every family also gets ``img_size`` where its constructor sizes something by it (fixed-size token
-    MLPs, position embeddings, relative-position tables).
-    """
     from timm.models._registry import model_entrypoint
 
-    family = model_entrypoint(model).__module__.split(".")[-1]
-    small = img_size <= 64
-    if family == "container" and model == "container_pam":
-        return dict(img_size=img_size, **(dict(patch_size=4) if small else {}))
-    if family == "container":
-        return dict(img_size=img_size, **(dict(patch_sizes=(2, 2, 2, 2)) if small else {}))
-    if family == "linglos":
-        return dict(img_size=img_size, **(dict(stem=(3, 2, 1)) if small else {}))
-    if family == "swin":
-        return dict(img_size=img_size, **(dict(patch_size=2, window_size=4) if small else {}))
-    if family == "vit":
-        return dict(img_size=img_size, **(dict(patch_size=4) if small else {}))
-    if family == "lesa":
-        return dict(img_size=img_size)
-    return {}
+    family = sys.modules.get(model_entrypoint(model).__module__)
+    adapt = getattr(family, "small_input_kwargs", None)
+    return adapt(model, img_size) if adapt is not None else {}

@@ -112,7 +112,6 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True,
         raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     out = _output_folder(cfg, resume, overwrite)
     cfg = replace(cfg, output=str(out))
-    seed_everything(cfg.seed)
     run = _build_run(cfg, out, device, rank, world)
     if resumed:
         _restore(run, *resumed)
@@ -223,6 +222,9 @@ def _loader(dataset, cfg: TrainConfig, train: bool, rank: int, world: int) -> Da
 def _build_run(cfg: TrainConfig, out: Path, device: torch.device, rank: int, world: int) -> _Run:
     """Data, model, optimiser, loaders, schedule and EMA, built in the order that fixes their random draws."""
     train_arrays, val_arrays = _load_arrays(cfg)
+    # seeded after loading: the splits take the seed explicitly, and a library imported on first use (scikit-learn
+    # for the digits) draws from Python's global generator, which would make a process's first run differ
+    seed_everything(cfg.seed)
     mean, std = train_arrays.channel_stats()
     num_classes = len(train_arrays.classes)
     model = build_model(cfg, num_classes)
