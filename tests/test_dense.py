@@ -437,8 +437,8 @@ def test_torchrun_two_cpu_processes_train_one_detection_run(tmp_path):
 def test_bench_dense_measures_each_backbone_at_non_square_sizes(tmp_path, capsys):
     from ctxagg.cli import main
     from ctxagg.dense.bench import dense_backbone_sweep
-    rows = dense_backbone_sweep(["linglo_b0"], sizes=[(64, 96), (32, 32)], repeats=1, warmup=0)
-    assert [r["size"] for r in rows] == [32, "64x96"]  # by area; a square size keeps its side
+    rows = dense_backbone_sweep(["linglo_b0"], sizes=[(64, 90), (32, 32)], repeats=1, warmup=0)
+    assert [r["size"] for r in rows] == [32, "64x96"]  # by area, padded to 32 as detectors batch; squares: a side
     small, large = rows
     assert all(r["status"] == "measured" and r["latency_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
     assert large["gmacs"] == pytest.approx(small["gmacs"] * 6, rel=0.15)  # linear attention: cost ∝ pixels
@@ -446,6 +446,6 @@ def test_bench_dense_measures_each_backbone_at_non_square_sizes(tmp_path, capsys
     assert rows[1]["status"].startswith("skipped: predicted") and rows[1]["gmacs"] > rows[0]["gmacs"]
     assert main(["bench", "dense", "--models", "linglo_b0", "--sizes", "32x48", "--repeats", "1", "--warmup", "0",
                  "--output", str(tmp_path / "b")]) == 0
-    assert json.loads((tmp_path / "b" / "bench_dense.json").read_text())["rows"][0]["size"] == "32x48"
+    assert json.loads((tmp_path / "b" / "bench_dense.json").read_text())["rows"][0]["size"] == "32x64"
     assert main(["bench", "dense", "--sizes", "32by48", "--output", str(tmp_path / "c")]) == 2
     assert "is not HxW" in capsys.readouterr().err

@@ -19,20 +19,23 @@ __all__ = ["DENSE_BACKBONES", "DENSE_SIZES", "dense_backbone_sweep", "run_dense_
 DENSE_BACKBONES = ("container_light", "container", "linglo_b0", "resnet50_lesa", "swin_t")
 DENSE_SIZES = ((512, 512), (800, 1333))  # Semantic FPN on ADE20K crops; COCO detection (short side 800)
 OUTPUTS = ("bench_dense.json",)
+SIZE_DIVISIBLE = 32  # torchvision's GeneralizedRCNNTransform pads every batch to a multiple of 32
 
 
 def dense_backbone_sweep(models: Sequence[str] = DENSE_BACKBONES, sizes: Sequence[tuple[int, int]] = DENSE_SIZES,
                          batch: int = 1, warmup: int = 1, repeats: int = 3, max_seconds: float = 30.0,
                          device: str = "cpu", progress: Optional[Callable[[dict[str, Any]], None]] = None
                          ) -> list[dict[str, Any]]:
-    """Rows of :func:`ctxagg.bench.sweep.sweep_models` for each backbone's four FPN levels (strides 4-32)."""
+    """Rows of :func:`ctxagg.bench.sweep.sweep_models` for each backbone's four FPN levels (strides 4-32), at each
+    size padded up to a multiple of 32 as the detectors' transform batches images (800×1333 → 800×1344)."""
     def build(name: str) -> Callable[[], torch.nn.Module]:
         def make() -> torch.nn.Module:
             torch.manual_seed(0)
             return create_dense_backbone(name, num_levels=4).eval()
         return make
 
-    return sweep_models([(name, build(name)) for name in models], sizes, batch, warmup, repeats, max_seconds,
+    padded = [tuple(-(-side // SIZE_DIVISIBLE) * SIZE_DIVISIBLE for side in size) for size in sizes]
+    return sweep_models([(name, build(name)) for name in models], padded, batch, warmup, repeats, max_seconds,
                         device, progress, family="dense", source="backbone features at dense-prediction sizes")
 
 
