@@ -47,10 +47,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: Iterab
                 parser.add_argument(flag, action="store_true", default=False, help=text or None)
         elif typing.get_origin(kind) is dict or kind is dict:
             parser.add_argument(flag, type=json.loads, default=dict(default or {}), help=f"JSON; {shown}")
-        elif typing.get_origin(kind) is tuple:
-            item = typing.get_args(kind)[0]
-            parser.add_argument(flag, type=item, nargs=len(typing.get_args(kind)) if ... not in typing.get_args(kind)
-                                else "+", default=default, help=shown)
+        elif typing.get_origin(kind) is tuple:  # tuple[float, float] takes 2 values, tuple[int, ...] any number
+            items = typing.get_args(kind)
+            parser.add_argument(flag, type=items[0], nargs="+" if Ellipsis in items else len(items), default=default,
+                                help=shown)
         else:
             parser.add_argument(flag, type=kind, default=default, help=shown)
 

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks  # noqa: E402
 
+from ..train.plots import save_panels  # noqa: E402
 from .predict import predict  # noqa: E402
 
 __all__ = ["plot_dense_curves", "plot_predictions", "draw_detections", "colorize"]
@@ -26,13 +27,7 @@ def plot_dense_curves(history: list[dict[str, Any]], path: Path, metric: str, ti
     if "segm_map" in history[0]:
         ax_metric.plot(epochs, [h["segm_map"] for h in history], marker="o", label="val segm_map")
     ax_metric.set(xlabel="epoch", ylabel=metric, title="validation")
-    for ax in (ax_loss, ax_metric):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_panels(fig, (ax_loss, ax_metric), path, title)
 
 
 def draw_detections(image: Tensor, pred: dict[str, Tensor], classes: Sequence[str], score_threshold: float = 0.3

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..train.plots import save_panels  # noqa: E402
+
 __all__ = ["plot_ssl_curves"]
 
 
@@ -23,10 +25,5 @@ def plot_ssl_curves(history: list[dict[str, Any]], path: Path, title: str = "") 
     for key, label in (("knn_top1", "k-NN top-1 (k=20)"), ("knn10_top1", "k-NN top-1 (k=10)")):
         ax_knn.plot(epochs, [h[key] for h in history if "knn_top1" in h], marker="o", label=label)
     ax_knn.set(xlabel="epoch (0 = random init)", ylabel="accuracy (%)", title="k-NN monitor (teacher)")
-    for ax in (ax_loss, ax_knn):
-        ax.grid(alpha=0.3)
     ax_knn.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_panels(fig, (ax_loss, ax_knn), path, title, legend=False)

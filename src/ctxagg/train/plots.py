@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion"]
+__all__ = ["plot_curves", "plot_confusion", "save_panels"]
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -24,9 +24,15 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     if "ema_val_top1" in history[0]:
         ax_acc.plot(epochs, [h["ema_val_top1"] for h in history], label="val top-1 (EMA)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    save_panels(fig, (ax_loss, ax_acc), path, title)
+
+
+def save_panels(fig, axes, path: Path, title: str = "", legend: bool = True) -> None:
+    """The common end of every curves figure: grid (and legend) on each panel, the title, write, close."""
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if legend:
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
