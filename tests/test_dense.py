@@ -356,6 +356,8 @@ def test_detection_resume_equals_uninterrupted(tmp_path):
         assert (tmp_path / "full" / name).is_file()
     with pytest.raises(Exception, match="already holds"):
         train_dense(_dense_cfg(), output=str(tmp_path / "full"), progress=False)
+    with pytest.raises(Exception, match="already holds"):  # resuming into another run's folder is refused too
+        train_dense(_dense_cfg(), output=str(tmp_path / "full"), resume=str(tmp_path / "half"), progress=False)
     result = evaluate_dense(str(tmp_path / "full"), progress=False)
     assert 0.0 <= result["bbox_map"] <= 1.0 and Path(result["output"], "predictions.png").is_file()
 

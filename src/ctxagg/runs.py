@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from .errors import CtxaggError, RunExistsError
 
-__all__ = ["output_dir", "on_rank0", "DEFAULT_ROOT", "new_run_dir", "refuse_existing", "update_latest", "resolve_run_path", "describe_run", "data_tag",
+__all__ = ["output_dir", "on_rank0", "remove_temp_files", "DEFAULT_ROOT", "new_run_dir", "refuse_existing", "update_latest", "resolve_run_path", "describe_run", "data_tag",
            "remove_outputs", "timestamp", "POINTER_MAGIC", "RunExistsError"]
 
 log = logging.getLogger("ctxagg.runs")
@@ -177,6 +177,13 @@ def refuse_existing(output: PathLike, overwrite: bool = False, resumable: bool =
     ways += [f"another {flag}", "--overwrite to replace it"]
     raise RunExistsError(f"{flag} {output} already holds {describe_run(out)}; nothing was changed. "
                          f"Use {', '.join(ways[:-1])} or {ways[-1]}")
+
+
+def remove_temp_files(folder: PathLike) -> None:
+    """Delete the ``.<name>.*.tmp`` files an interrupted atomic write left in ``folder`` (a run being continued)."""
+    for tmp in Path(folder).glob(".*.tmp"):  # left only by a kill mid-write
+        log.warning("removing %s, left by an interrupted checkpoint write", tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def remove_outputs(folder: PathLike, names: Iterable[str]) -> list[Path]:

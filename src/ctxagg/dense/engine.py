@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..errors import ConfigError
 from ..train.distributed import init_distributed, rank_and_world, resolve_device
 from ..train.checkpoint import (atomic_write, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat,
-                                rng_state, save_checkpoint, set_rng_state)
+                                rng_state, save_checkpoint, set_rng_state, write_metrics_csv)
 from .config import DenseConfig, build_datasets
 from .data import collate
 from .detectors import TORCHVISION_DETECTORS, build_torchvision_detector
@@ -135,16 +135,9 @@ def _state(model: nn.Module, optimizer, cfg: DenseConfig, epoch: int, steps: int
     return tensors, meta
 
 
-def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    keys = list(dict.fromkeys(k for h in history for k in h if not isinstance(h[k], list)))
-    lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h.get(k), float) else str(h.get(k, ""))
-                                         for k in keys) for h in history]
-    atomic_write(path, ("\n".join(lines) + "\n").encode())
-
-
 def _write_epoch(out: Path, model: nn.Module, optimizer, cfg: DenseConfig, epoch: int, steps: int,
                  history: list[dict[str, Any]], classes: list[str]) -> None:
-    _write_csv(out / "metrics.csv", history)
+    write_metrics_csv(out / "metrics.csv", history)
     tensors, meta = _state(model, optimizer, cfg, epoch, steps, history, classes)
     save_checkpoint(out / "last.safetensors", tensors, meta)
     weights = {k: v for k, v in tensors.items() if k.startswith("model.")}
@@ -208,14 +201,17 @@ def _backbone_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def _output_dir(cfg: DenseConfig, output: Optional[str], overwrite: bool, resume: Optional[str]) -> Path:
-    """A resumed run keeps writing to its folder; otherwise runs.output_dir's rules (new folder, or refuse)."""
-    from ..runs import data_tag, output_dir, resolve_run_path
-    if resume and output is None:
-        path = resolve_run_path(resume)
-        return path if path.is_dir() else path.parent
+    """The run's folder, as `ctxagg train` chooses it: a resumed run continues in its own folder (temp files of an
+    interrupted write removed); any other folder follows runs.output_dir's rules (new folder, or refuse one that
+    holds results unless ``overwrite``)."""
+    from ..runs import data_tag, on_rank0, output_dir, remove_temp_files, resolve_run_path
     if resume:
-        Path(output).mkdir(parents=True, exist_ok=True)
-        return Path(output)
+        resumed = resolve_run_path(resume)
+        resumed = resumed if resumed.is_dir() else resumed.parent
+        if output is None or resolve_run_path(output).resolve() == resumed.resolve():
+            on_rank0(lambda: remove_temp_files(resumed))
+            return resumed
+        return output_dir(output, overwrite=overwrite, outputs=RUN_FILES, resumable=True)
     return output_dir(output, cfg.task, cfg.arch, cfg.backbone, data_tag(cfg.data), overwrite=overwrite,
                       outputs=RUN_FILES, resumable=True, latest=True)
 

@@ -25,9 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import ConfigError, CtxaggError
-from ..runs import data_tag, new_run_dir, refuse_existing, resolve_run_path, update_latest
+from ..runs import data_tag, new_run_dir, refuse_existing, remove_temp_files, resolve_run_path, update_latest
 from ..train.checkpoint import (atomic_write, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat,
-                                rng_state, save_checkpoint, set_rng_state)
+                                rng_state, save_checkpoint, set_rng_state, write_metrics_csv)
 from ..train.data import ArrayDataset, load_dataset
 from ..train.distributed import init_distributed, rank_and_world, resolve_device
 from ..train.engine import build_eval_transform, seed_everything, subset_fraction
@@ -153,8 +153,7 @@ def _output_folder(cfg: SSLConfig, resume: Optional[str], overwrite: bool, rank:
         refuse_existing(out, overwrite, resumable=True, outputs=SSL_OUTPUTS)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob(".*.tmp"):  # left only by a kill mid-write
-            tmp.unlink(missing_ok=True)
+        remove_temp_files(out)
     return out
 
 
@@ -308,7 +307,7 @@ def save_checkpoints(run: _Run, epoch: int) -> None:
     weights = {f"model.{k}": v for k, v in run.teacher.backbone.state_dict().items()}
     save_checkpoint(run.out / TEACHER_FILE, weights, dict(kind="ssl", config=run.cfg.to_json(), epoch=epoch,
                                                           knn_top1=run.history[-1].get("knn_top1"), **run.data))
-    _write_csv(run.out / "metrics.csv", run.history)
+    write_metrics_csv(run.out / "metrics.csv", run.history)
 
 
 def _restore(run: _Run, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -321,13 +320,6 @@ def _restore(run: _Run, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     run.optimizer.load_state_dict(optimizer_state_from_flat(tensors, meta["optimizer"]))
     run.history, run.steps = list(meta["history"]), int(meta["steps"])
     set_rng_state(tensors, meta["rng"])
-
-
-def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    keys = list(dict.fromkeys(k for h in history for k in h))
-    lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h.get(k), float) else str(h.get(k, ""))
-                                         for k in keys) for h in history]
-    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 def _log_epoch(r: dict[str, Any]) -> None:

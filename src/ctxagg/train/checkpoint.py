@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import CtxaggError
 
-__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "load_model_weights", "CheckpointError",
+__all__ = ["atomic_write", "write_metrics_csv", "save_checkpoint", "load_checkpoint", "load_model_weights", "CheckpointError",
            "tensor_digest", "optimizer_state_to_flat", "optimizer_state_from_flat", "rng_state", "set_rng_state"]
 
 META_KEY = "ctxagg"
@@ -78,6 +78,15 @@ def tensor_digest(tensors: dict[str, Tensor]) -> str:
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
+
+
+def write_metrics_csv(path: Union[str, Path], history: list[dict[str, Any]]) -> None:
+    """One row per epoch record, columns in first-seen order; list or dict values (confusion matrices, per-class
+    IoU) stay out of the CSV. Written atomically."""
+    keys = list(dict.fromkeys(k for h in history for k in h if not isinstance(h[k], (list, dict))))
+    lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h.get(k), float) else str(h.get(k, ""))
+                                         for k in keys) for h in history]
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 def save_checkpoint(path: Union[str, Path], tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:

@@ -29,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import ConfigError, CtxaggError
-from ..runs import DEFAULT_ROOT, data_tag, on_rank0, output_dir, resolve_run_path
+from ..runs import DEFAULT_ROOT, data_tag, on_rank0, output_dir, remove_temp_files, resolve_run_path
 from .checkpoint import (atomic_write, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat,
-                         rng_state, save_checkpoint, set_rng_state)
+                         rng_state, save_checkpoint, set_rng_state, write_metrics_csv)
 from .config import TrainConfig
 from .data import ArrayDataset, ImageArrays, load_dataset
 from .distributed import init_distributed, rank_and_world, resolve_device
@@ -166,15 +166,9 @@ def _output_folder(cfg: TrainConfig, resume: Optional[str], overwrite: bool) -> 
         return output_dir(None, cfg.model, data_tag(cfg.data), latest=True)
     out = resolve_run_path(cfg.output)
     if resume is not None and out.is_dir() and _resume_file(resume).parent.resolve() == out.resolve():
-        on_rank0(lambda: _remove_temp_files(out))  # continuing the run in its own folder
+        on_rank0(lambda: remove_temp_files(out))  # continuing the run in its own folder
         return out
     return output_dir(out, overwrite=overwrite, outputs=RUN_OUTPUTS, resumable=True)
-
-
-def _remove_temp_files(out: Path) -> None:
-    for tmp in out.glob(".*.tmp"):  # left only by a kill mid-write
-        log.warning("removing %s, left by an interrupted checkpoint write", tmp)
-        tmp.unlink(missing_ok=True)
 
 
 def _resume_file(resume: str) -> Path:
@@ -378,7 +372,7 @@ def _check_finite_weights(model: nn.Module, what: str, epoch: int) -> None:
 def save_checkpoints(run: _Run, epoch: int) -> None:
     """metrics.csv, the resumable ``last.safetensors``, the epoch's ``model.safetensors`` and, if it is the best so
     far, ``model_best.safetensors`` (each written atomically). Rank 0 only."""
-    _write_csv(run.out / "metrics.csv", run.history)
+    write_metrics_csv(run.out / "metrics.csv", run.history)
     weights = {f"model.{k}": v for k, v in _unwrap(run.model).state_dict().items()}
     tensors = dict(weights)
     if run.ema is not None:
@@ -394,14 +388,6 @@ def save_checkpoints(run: _Run, epoch: int) -> None:
     save_checkpoint(run.out / "model.safetensors", weights, dict(common, val_top1=val_top1))
     if val_top1 >= max(h["val_top1"] for h in run.history):
         save_checkpoint(run.out / "model_best.safetensors", weights, dict(common, val_top1=val_top1))
-
-
-def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    keys = [k for k in history[0] if k != "confusion"]
-    keys += [k for h in history[1:] for k in h if k not in keys and k != "confusion"]
-    lines = [",".join(keys)] + [",".join(f"{h[k]:.6g}" if isinstance(h.get(k), float) else str(h.get(k, ""))
-                                         for k in keys) for h in history]
-    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 def _progress(loader, epoch: int, epochs: int, enabled: bool):
