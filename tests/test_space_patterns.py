@@ -512,3 +512,28 @@ def test_ctxagg_space_lists_every_registered_affinity_and_the_reading_list(tmp_p
     params_win, macs_win = block_cost("window7", 56)
     assert params_win - params_sa == 13 ** 2 * 4  # the window's relative-position table, per head
     assert macs_sa > 4 * macs_win
+
+
+# ViT-as-DynConv Table 1 (kernel bank, kernel selection, kernel type, kernel size), as the paper prints it
+DYNCONV_TABLE_1 = {
+    "sa": ("dynamic", "hard (all)", "C→1→C", "1×1"),  # ViT
+    "window": ("dynamic", "hard (local", "C→1→C", "1×1"),  # Swin Transformer
+}
+
+
+def test_every_affinity_states_its_place_in_the_kernel_bank_frame():
+    from ctxagg.affinity.space import DESIGN_SPACE
+    from ctxagg.bench.space import format_space_table, space_rows
+    for name, entry in DESIGN_SPACE.items():
+        for value in (entry.bank, entry.selection, entry.kernel_type, entry.kernel_size):
+            assert value.strip(), f"{name} leaves a kernel-bank column empty"
+    for name, (bank, selection, kernel_type, size) in DYNCONV_TABLE_1.items():
+        entry = DESIGN_SPACE[name]
+        assert entry.bank.startswith(bank) and entry.selection.startswith(selection)
+        assert entry.kernel_type == kernel_type and entry.kernel_size == size
+    table = format_space_table(space_rows(measure=False))
+    header = table.splitlines()[0]
+    for column in ("kernel bank", "kernel selection", "kernel type", "kernel size"):
+        assert f"| {column} |" in header
+    sa_row = next(line for line in table.splitlines() if "| `sa` |" in line)
+    assert "| dynamic | hard (all) | C→1→C | 1×1 |" in sa_row

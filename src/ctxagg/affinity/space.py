@@ -13,49 +13,77 @@ __all__ = ["SpaceEntry", "DESIGN_SPACE", "COMBINATOR_EXAMPLES", "READING_LIST"]
 class SpaceEntry:
     """One affinity: the paper(s) it comes from, whether A depends on the input, its sparsity pattern and the
     cost of forming A·V for N tokens of C channels (k: kernel, w: window, s: stripe, r: rank, L/G: local and
-    global keys of a sparse pattern)."""
+    global keys of a sparse pattern), and its place in ViT-as-DynConv's kernel-bank frame (Table 1)."""
     paper: str
     kind: str
     pattern: str
     cost: str
+    # ViT-as-DynConv §3.3 / Table 1: where the kernels come from, how each position picks its kernel, how a
+    # kernel maps channels (C→1→C: a C→1 key kernel then a 1→C value kernel, as in self-attention) and its extent
+    bank: str
+    selection: str
+    kernel_type: str
+    kernel_size: str
 
 
 DESIGN_SPACE: dict[str, SpaceEntry] = {
-    "sa": SpaceEntry("Vaswani et al.; ViT; ViT-as-DynConv §4.2 normalisers", "dynamic", "dense", "N²·C"),
-    "dw": SpaceEntry("Container Eq. 7 (depth-wise conv)", "static", "banded k×k, per channel", "N·k²·C"),
-    "mhdw": SpaceEntry("Container Table 2 (MH-DW)", "static", "banded k×k, per head", "N·k²·C"),
-    "conv": SpaceEntry("Container Table 2 (conv)", "static", "banded k×k over (position, channel)", "N·k²·C²"),
-    "gconv": SpaceEntry("Container Table 2 (group conv)", "static", "banded k×k, block per group", "N·k²·C²/G"),
-    "mlp": SpaceEntry("MLP-Mixer token MLP; Container Eq. 8", "static", "dense, fixed N", "N²·C"),
-    "mlp_lr": SpaceEntry("Container Table 2 (MLP-LR)", "static", "dense, rank r, fixed N", "2·N·r·C"),
+    "sa": SpaceEntry("Vaswani et al.; ViT; ViT-as-DynConv §4.2 normalisers", "dynamic", "dense", "N²·C",
+        bank="dynamic", selection="hard (all)", kernel_type="C→1→C", kernel_size="1×1"),
+    "dw": SpaceEntry("Container Eq. 7 (depth-wise conv)", "static", "banded k×k, per channel", "N·k²·C",
+        bank="static (one kernel)", selection="none", kernel_type="depth-wise", kernel_size="k×k"),
+    "mhdw": SpaceEntry("Container Table 2 (MH-DW)", "static", "banded k×k, per head", "N·k²·C",
+        bank="static (one kernel)", selection="none", kernel_type="depth-wise, shared per head", kernel_size="k×k"),
+    "conv": SpaceEntry("Container Table 2 (conv)", "static", "banded k×k over (position, channel)", "N·k²·C²",
+        bank="static (one kernel)", selection="none", kernel_type="C→C", kernel_size="k×k"),
+    "gconv": SpaceEntry("Container Table 2 (group conv)", "static", "banded k×k, block per group", "N·k²·C²/G",
+        bank="static (one kernel)", selection="none", kernel_type="C→C within groups", kernel_size="k×k"),
+    "mlp": SpaceEntry("MLP-Mixer token MLP; Container Eq. 8", "static", "dense, fixed N", "N²·C",
+        bank="static (one kernel)", selection="none", kernel_type="depth-wise, shared by all channels", kernel_size="H×W (global)"),
+    "mlp_lr": SpaceEntry("Container Table 2 (MLP-LR)", "static", "dense, rank r, fixed N", "2·N·r·C",
+        bank="static (one kernel)", selection="none", kernel_type="depth-wise, shared by all channels", kernel_size="H×W (global, rank r)"),
     "mh_mlp_lr": SpaceEntry("Container Table 2 (MH-MLP-LR)", "static", "dense, rank r per head, fixed N",
-                            "2·N·r·C"),
-    "key_only": SpaceEntry("LinGlos Eq. 2-4 (key-only attention)", "dynamic", "rank one, gated by V", "N·C"),
+                            "2·N·r·C",
+        bank="static (one kernel)", selection="none", kernel_type="depth-wise, shared per head", kernel_size="H×W (global, rank r)"),
+    "key_only": SpaceEntry("LinGlos Eq. 2-4 (key-only attention)", "dynamic", "rank one, gated by V", "N·C",
+        bank="dynamic (keys)", selection="soft (softmax over all keys, pooled to one kernel)", kernel_type="depth-wise", kernel_size="1×1"),
     "dw_sa": SpaceEntry("ViT-as-DynConv Eq. 5 (depth-wise self-attention)", "dynamic",
-                        "diagonal + relative term", "N·C"),
+                        "diagonal + relative term", "N·C",
+        bank="dynamic (keys only)", selection="hard (all), averaged", kernel_type="depth-wise", kernel_size="1×1"),
     "window": SpaceEntry("Image Transformer; Swin §3.2; Twins LSA", "dynamic", "block-diagonal w×w windows",
-                         "N·w²·C"),
+                         "N·w²·C",
+        bank="dynamic", selection="hard (local window)", kernel_type="C→1→C", kernel_size="1×1"),
     "shifted_window": SpaceEntry("Swin §3.2 (shifted windows)", "dynamic", "block-diagonal after a cyclic shift",
-                                 "N·w²·C"),
+                                 "N·w²·C",
+        bank="dynamic", selection="hard (local window, shifted)", kernel_type="C→1→C", kernel_size="1×1"),
     "neighbourhood": SpaceEntry("Stand-Alone Self-Attention Eq. 3; Local Relation Networks", "dynamic",
-                                "banded k×k around each query", "N·k²·C"),
-    "axial_row": SpaceEntry("Axial Attention §3; Axial-DeepLab", "dynamic", "same row", "N·W·C"),
-    "axial_column": SpaceEntry("Axial Attention §3; Axial-DeepLab", "dynamic", "same column", "N·H·C"),
+                                "banded k×k around each query", "N·k²·C",
+        bank="dynamic", selection="hard (local, sliding k×k)", kernel_type="C→1→C", kernel_size="1×1"),
+    "axial_row": SpaceEntry("Axial Attention §3; Axial-DeepLab", "dynamic", "same row", "N·W·C",
+        bank="dynamic", selection="hard (same row)", kernel_type="C→1→C", kernel_size="1×1"),
+    "axial_column": SpaceEntry("Axial Attention §3; Axial-DeepLab", "dynamic", "same column", "N·H·C",
+        bank="dynamic", selection="hard (same column)", kernel_type="C→1→C", kernel_size="1×1"),
     "axial": SpaceEntry("Axial Attention §3 (row then column)", "dynamic", "product of row and column: dense",
-                        "N·(H+W)·C"),
+                        "N·(H+W)·C",
+        bank="dynamic", selection="hard (row, then column)", kernel_type="C→1→C, twice", kernel_size="1×1"),
     "conv_attn": SpaceEntry("Cordonnier et al. Lemma 1 (attention that is a conv)", "static",
-                            "dense softmax kernel, K² shifted heads", "N²·C"),
+                            "dense softmax kernel, K² shifted heads", "N²·C",
+        bank="static (positional logits)", selection="soft, fixed", kernel_type="C→1→C per head", kernel_size="1×1 (K² heads ≈ K×K conv)"),
     "cswin": SpaceEntry("CSWin §3.2 (cross-shaped windows)", "dynamic",
                         "block-diagonal stripes: rows for half the heads, columns for the other half",
-                        "N·s·(H+W)/2·C"),
+                        "N·s·(H+W)/2·C",
+        bank="dynamic", selection="hard (local stripe)", kernel_type="C→1→C", kernel_size="1×1"),
     "shuffle_window": SpaceEntry("Shuffle Transformer §3.2; MobileViT's patch-position groups", "dynamic",
-                                 "block-diagonal after a spatial shuffle (image-wide dilated windows)", "N·w²·C"),
+                                 "block-diagonal after a spatial shuffle (image-wide dilated windows)", "N·w²·C",
+        bank="dynamic", selection="hard (dilated window)", kernel_type="C→1→C", kernel_size="1×1"),
     "mix(<dynamic>,<static>)": SpaceEntry("Container Eq. 9 (α·A_dyn + β·A_static)", "both", "union of the parts",
-                                          "sum of the parts"),
+                                          "sum of the parts",
+        bank="both parts' banks", selection="both parts' rules, summed", kernel_type="the parts'", kernel_size="the parts'"),
     "chain(...)": SpaceEntry("product of affinities (A_b·A_a)", "parts'", "product of the parts' patterns",
-                             "sum of the parts"),
+                             "sum of the parts",
+        bank="the parts'", selection="the parts' rules, composed", kernel_type="the parts'", kernel_size="the parts', composed"),
     "masked(...)": SpaceEntry("Longformer §3.1; Sparse Transformers §4.2; Vision Longformer", "dynamic",
-                              "fixed sparse pattern: band, dilated, row, column, global tokens", "N·(L+2G)·C"),
+                              "fixed sparse pattern: band, dilated, row, column, global tokens", "N·(L+2G)·C",
+        bank="dynamic", selection="hard (fixed sparse pattern)", kernel_type="C→1→C", kernel_size="1×1"),
 }
 
 # one concrete instance per combinator, for the table's measured columns

@@ -49,7 +49,9 @@ def space_rows(measure: bool = True) -> list[dict[str, Any]]:
     for name in affinity_names():
         entry = DESIGN_SPACE[name]
         row: dict[str, Any] = dict(name=name, instance=_instance(name), paper=entry.paper, kind=entry.kind,
-                                   pattern=entry.pattern, cost=entry.cost,
+                                   pattern=entry.pattern, cost=entry.cost, bank=entry.bank,
+                                   selection=entry.selection, kernel_type=entry.kernel_type,
+                                   kernel_size=entry.kernel_size,
                                    tested="yes: matrix()·V + bias == forward() == float64 reference")
         if measure:
             for grid in GRIDS:
@@ -67,13 +69,15 @@ def _scaled(value: Optional[float], scale: float) -> str:
 
 
 def format_space_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"| paper | ctxagg name | static / dynamic | non-zeros of A | cost of A·V | block params @{GRIDS[0]}² (M) "
+    head = (f"| paper | ctxagg name | static / dynamic | non-zeros of A | cost of A·V | kernel bank | kernel selection "
+            f"| kernel type | kernel size | block params @{GRIDS[0]}² (M) "
             f"| block GMACs @{GRIDS[0]}² | block params @{GRIDS[1]}² (M) | block GMACs @{GRIDS[1]}² | tested |")
-    lines = [head, "|" + "---|" * 5 + "---:|" * 4 + "---|"]
+    lines = [head, "|" + "---|" * 9 + "---:|" * 4 + "---|"]
     for r in rows:
         name = f"`{r['instance']}`" if r["instance"] == r["name"] else f"`{r['name']}`, e.g. `{r['instance']}`"
         measured = [_scaled(r.get(f"{m}_{g}"), 1e6 if m == "params" else 1) for g in GRIDS for m in ("params", "gmacs")]
-        lines.append(f"| {r['paper']} | {name} | {r['kind']} | {r['pattern']} | {r['cost']} | "
+        lines.append(f"| {r['paper']} | {name} | {r['kind']} | {r['pattern']} | {r['cost']} | {r['bank']} | "
+                     f"{r['selection']} | {r['kernel_type']} | {r['kernel_size']} | "
                      + " | ".join(measured) + f" | {r['tested']} |")
     return "\n".join(lines)
 
