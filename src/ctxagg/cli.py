@@ -329,11 +329,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from ctxagg.train.compare import compare
+    from ctxagg.affinity.registry import split_arguments
+    from ctxagg.train.compare import Variant, compare, match_parameters, mixer_variants
 
     models = _models(args.models)
     base = _config_from(args, model=models[0], output=None).validate()
-    result = compare(models, base, _csv(args.fractions, float), args.output, overwrite=args.overwrite)
+    if args.mixers:
+        if len(models) != 1:
+            raise ConfigError("--mixers swaps the mixer of one base model; give exactly one --models name")
+        variants = [Variant(v.label, v.model, {**base.model_kwargs, **v.kwargs})
+                    for v in mixer_variants(models[0], split_arguments(args.mixers.replace(" ", "")))]
+    else:
+        variants = [Variant(m, m, dict(base.model_kwargs)) for m in models]
+    if args.match_params is not None:
+        variants = match_parameters(variants, base.img_size, args.match_params)
+    result = compare(variants, base, _csv(args.fractions, float), args.output, overwrite=args.overwrite,
+                     seeds=_csv(args.seeds, int) if args.seeds else None, cost_img_size=args.cost_img_size)
     print(f"table: {result['output']}/compare.md  plot: {result['output']}/compare.png")
     return 0
 
@@ -343,8 +354,17 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                     description="The small-scale counterpart of Container Table 3 (data efficiency) and "
                                 "Figure 1 (convergence). Writes to a new runs/compare-<YYYYmmdd-HHMMSS> unless "
                                 "--output names a folder.")
-    p.add_argument("--models", required=True, help="comma-separated model names")
+    p.add_argument("--models", required=True, help="comma-separated model names (one base model with --mixers)")
     p.add_argument("--fractions", default="0.1,0.5,1.0", help="comma-separated training-data fractions")
+    p.add_argument("--mixers", help="comma-separated affinity specs (commas inside mix(...) are kept) that each "
+                                    "replace the base model's mixer in every stage (Container Table 2), e.g. "
+                                    "'sa,dw5,mix(sa,dw5)'; 'a/b/c/d' sets one spec per stage")
+    p.add_argument("--seeds", help="comma-separated seeds (data subset and initialisation); table shows mean ± std")
+    p.add_argument("--match-params", type=float, metavar="TOL",
+                   help="scale each variant's channel-MLP widths so its backbone parameters match the first "
+                        "variant's within TOL (e.g. 0.05)")
+    p.add_argument("--cost-img-size", type=int, metavar="SIZE",
+                   help="also measure params, GMACs, img/s and peak memory of every variant at SIZE² (e.g. 224)")
     _add_train_options(p, skip=("model", "fraction"))
     p.set_defaults(func=_cmd_compare)
 
