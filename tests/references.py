@@ -27,6 +27,9 @@ from ctxagg.affinity import (AffinityChain, AffinityMixture, AxialAttention, Cro
                              QuadraticEncodingAttention, RelativeSelfAttention2d, SelfAttentionAffinity,
                              TokenMlpAffinity, WindowAttention)
 
+from ctxagg.affinity import (LambdaLayer, LinformerAttention, PerformerAttention, PoolingAttention,
+                             SpatialReductionAttention)
+
 LAYER_NORM_EPS = 1e-5  # documented choice in affinity/attention.py: LayerNorm over keys, no affine, eps 1e-5
 
 
@@ -697,6 +700,255 @@ for _cls, _matrix in ((WindowAttention, window_attention_matrix),
 REFERENCES[AffinityChain] = Reference(
     _chain_forward, lambda op, v_shape, q=None, k=None: _chain_channels(op, v_shape, q, k)[:, ::op.dim // op.heads],
     bias=lambda op: reference_for(op.second).bias(op.second), channel_matrix=_chain_channels)
+
+
+# ------------------------------------------------------------------ how A is generated, part 2 (issue 18): Linformer,
+# Performer, spatial reduction (PVT, Twins GSA, PVTv2), pooling attention (MViT), the lambda layer
+
+def _per_head(x: Tensor, heads: int) -> Tensor:
+    """(B, C, H, W) or (B, N, C) -> (B, N, M, d) float64, channel m·d + e."""
+    t = tokens(x)
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads)
+
+
+def _linformer_projections(op: nn.Module) -> tuple[Tensor, Tensor]:
+    """(E_m, F_m) for every head, (M, k, N): stored (heads or 1, k, N); sharing "kv" stores E only (F = E)."""
+    e = op.e.double()
+    f = e if op.f is None else op.f.double()
+    return e.expand(op.heads, -1, -1), f.expand(op.heads, -1, -1)
+
+
+def _linformer_weights(op: nn.Module, q: Tensor, k: Tensor) -> Tensor:
+    """P_m[i, r] = softmax_r(Σ_e q[i, m·d+e] (Σ_n E_m[r, n] k[n, m·d+e]) / √d), (B, M, N, k) (Linformer Eq. 7)."""
+    qh, kh = _per_head(q, op.heads), _per_head(k, op.heads)
+    e, _ = _linformer_projections(op)
+    projected_keys = torch.einsum("mrn,bnme->bmre", e, kh)
+    return normalise(torch.einsum("bime,bmre->bmir", qh, projected_keys) / math.sqrt(qh.shape[-1]), "softmax")
+
+
+def linformer_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """A_m[i, j] = Σ_r P_m[i, r] F_m[r, j], (B, M, N, N) of rank ≤ k."""
+    _, f = _linformer_projections(op)
+    return torch.einsum("bmir,mrj->bmij", _linformer_weights(op, q, k), f)
+
+
+def linformer_forward(op: nn.Module, v: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """head_m = P_m · (F_m V_m): the values projected to k rows first (Eq. 7), not through the N×N matrix."""
+    _, f = _linformer_projections(op)
+    projected_values = torch.einsum("mrn,bnme->bmre", f, _per_head(v, op.heads))
+    out = torch.einsum("bmir,bmre->bime", _linformer_weights(op, q, k), projected_values)
+    return like(out.reshape(out.shape[0], out.shape[1], -1), v.shape)
+
+
+def performer_features(op: nn.Module, x: Tensor) -> Tensor:
+    """Lemma 1's positive random features φ(x)_f = exp(ω_f·x' − ‖x'‖²/2) / √m, x' = x / d^{1/4}, with the
+    operator's features ω (its buffer, m×d), per head: (B, M, N, m)."""
+    xh = _per_head(x, op.heads)
+    xh = xh / xh.shape[-1] ** 0.25
+    omega = op.omega.double()
+    logits = torch.einsum("bnme,fe->bmnf", xh, omega) - torch.einsum("bnme,bnme->bmn", xh, xh)[..., None] / 2
+    return torch.exp(logits) / math.sqrt(omega.shape[0])
+
+
+def performer_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """FAVOR+ (Eq. 4-5): A = D⁻¹ φ(Q')φ(K')ᵀ, D = diag(φ(Q')φ(K')ᵀ 1), (B, M, N, N)."""
+    kernel = torch.einsum("bmif,bmjf->bmij", performer_features(op, q), performer_features(op, k))
+    return kernel / kernel.sum(-1, keepdim=True)
+
+
+def _taps(in_hw: tuple[int, int], out_hw: tuple[int, int], size: int, stride: int, pad: int) -> list:
+    """(output index, input index, ky, kx) of every tap of a strided cross-correlation that lands in the input:
+    output (Y, X) reads input (Y·s − p + ky, X·s − p + kx)."""
+    (h, w), (ho, wo) = in_hw, out_hw
+    found = []
+    for oy in range(ho):
+        for ox in range(wo):
+            for ky in range(size):
+                for kx in range(size):
+                    y, x = oy * stride - pad + ky, ox * stride - pad + kx
+                    if 0 <= y < h and 0 <= x < w:
+                        found.append((oy * wo + ox, y * w + x, ky, kx))
+    return found
+
+
+def _pool_bins(length: int, size: int) -> list[tuple[int, int]]:
+    """Adaptive average pooling's bins: [⌊i·L/size⌋, ⌈(i+1)·L/size⌉) for i < size."""
+    return [((i * length) // size, -(-((i + 1) * length) // size)) for i in range(size)]
+
+
+def _layer_norm_last(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """(x − mean) / √(var + eps) · g (+ β) over the last axis, biased variance."""
+    mean = x.sum(-1, keepdim=True) / x.shape[-1]
+    var = ((x - mean) ** 2).sum(-1, keepdim=True) / x.shape[-1]
+    out = (x - mean) / torch.sqrt(var + LAYER_NORM_EPS) * weight.double()
+    return out if bias is None else out + bias.double()
+
+
+def _sra_grid(op: nn.Module, h: int, w: int) -> tuple[int, int]:
+    """The reduced grid: ⌈H/R⌉ × ⌈W/R⌉ (zero-padded bottom/right, documented) or P × P (pooled)."""
+    return (-(-h // op.ratio), -(-w // op.ratio)) if op.reduction == "conv" else (op.pooled, op.pooled)
+
+
+def _sra_reduction_weights(op: nn.Module, h: int, w: int) -> list:
+    """R as (reduced index, input index, weight): weight a (C, C) block W[:, :, ky, kx] (conv) or a scalar
+    1/|bin| (pooled)."""
+    reduced = _sra_grid(op, h, w)
+    if op.reduction == "conv":
+        weight = op.reduce.weight.double()
+        return [(r, i, weight[:, :, ky, kx]) for r, i, ky, kx in _taps((h, w), reduced, op.ratio, op.ratio, 0)]
+    found = []
+    for a, (y0, y1) in enumerate(_pool_bins(h, op.pooled)):
+        for b, (x0, x1) in enumerate(_pool_bins(w, op.pooled)):
+            share = 1.0 / ((y1 - y0) * (x1 - x0))
+            found += [(a * op.pooled + b, y * w + x, share) for y in range(y0, y1) for x in range(x0, x1)]
+    return found
+
+
+def _sra_reduce(op: nn.Module, x: Tensor) -> Tensor:
+    """PVT's SR(x) (Eq. 4) as documented: (B, N_r, C) = Σ_taps x_i W[:, :, ky, kx]ᵀ + b, or bin averages."""
+    h, w = x.shape[2], x.shape[3]
+    xt = tokens(x)
+    reduced = _sra_grid(op, h, w)
+    out = torch.zeros(xt.shape[0], reduced[0] * reduced[1], xt.shape[2], dtype=torch.float64)
+    for r, i, weight in _sra_reduction_weights(op, h, w):
+        out[:, r] += xt[:, i] @ weight.T if op.reduction == "conv" else weight * xt[:, i]
+    return out + op.reduce.bias.double() if op.reduction == "conv" else out
+
+
+def _sra_scores(op: nn.Module, q: Tensor, k: Tensor) -> Tensor:
+    """softmax_r(q_n · LN(SR(K))_r / √d) per head, (B, M, N, N_r); the key LayerNorm has a weight only."""
+    keys = _layer_norm_last(_sra_reduce(op, k), op.key_norm.weight, None)
+    qh = _per_head(q, op.heads)
+    kh = keys.reshape(keys.shape[0], keys.shape[1], op.heads, -1)
+    return normalise(torch.einsum("bnme,brme->bmnr", qh, kh) / math.sqrt(qh.shape[-1]), "softmax")
+
+
+def sra_forward(op: nn.Module, v: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """PVT Eq. 3: head_m = softmax(Q_m SR(K)_mᵀ/√d) SR(V)_m, with the reduced values (and the conv bias) formed first."""
+    s = _sra_scores(op, q, k)
+    values = _sra_reduce(op, v)
+    vh = values.reshape(values.shape[0], values.shape[1], op.heads, -1)
+    out = torch.einsum("bmnr,brme->bnme", s, vh)
+    return like(out.reshape(out.shape[0], out.shape[1], -1), v.shape)
+
+
+def sra_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """A = softmax(Q K_rᵀ/√d) · R: (B, M, N, N) for pooling; for the conv over (position, channel) pairs,
+    (B, 1, N·C, N·C) with A[(n, o), (i, c)] = Σ_{taps r ← i} S_{h(o)}[n, r] W[o, c, ky, kx]."""
+    h, w = v_shape[2], v_shape[3]
+    s = _sra_scores(op, q, k)
+    b, n = s.shape[0], h * w
+    if op.reduction == "pool":
+        a = torch.zeros(b, op.heads, n, n, dtype=torch.float64)
+        for r, i, share in _sra_reduction_weights(op, h, w):
+            a[..., i] += share * s[..., r]
+        return a
+    c = op.dim
+    s_channels = per_channel(s, c)  # (B, C, N, N_r)
+    a = torch.zeros(b, n, c, n, c, dtype=torch.float64)
+    for r, i, weight in _sra_reduction_weights(op, h, w):
+        a[:, :, :, i, :] += torch.einsum("bon,oc->bnoc", s_channels[..., r], weight)
+    return a.reshape(b, 1, n * c, n * c)
+
+
+def _mvit_grid(op: nn.Module, h: int, w: int, stride: int) -> tuple[int, int]:
+    p = op.kernel_size // 2
+    return (h + 2 * p - op.kernel_size) // stride + 1, (w + 2 * p - op.kernel_size) // stride + 1
+
+
+def _mvit_pool(op: nn.Module, x: Tensor, kernel: Tensor, stride: int, norm: Optional[nn.Module]) -> Tensor:
+    """MViT §3.1 P(x; Θ) then LayerNorm: channel-wise k×k pooling, stride s, padding ⌊k/2⌋, head channel e
+    using kernel[e] in every head; (B, M, N_out, d)."""
+    h, w = x.shape[2], x.shape[3]
+    xh = _per_head(x, op.heads)
+    grid = _mvit_grid(op, h, w, stride)
+    out = torch.zeros(xh.shape[0], op.heads, grid[0] * grid[1], xh.shape[-1], dtype=torch.float64)
+    weights = kernel.double()[:, 0]
+    for o, i, ky, kx in _taps((h, w), grid, op.kernel_size, stride, op.kernel_size // 2):
+        out[:, :, o] += xh[:, i] * weights[:, ky, kx]
+    return out if norm is None else _layer_norm_last(out, norm.weight, norm.bias)
+
+
+def _mvit_scores(op: nn.Module, q: Tensor, k: Tensor) -> Tensor:
+    qp = _mvit_pool(op, q, op.pool_q, op.q_stride, op.norm_q)
+    kp = _mvit_pool(op, k, op.pool_k, op.kv_stride, op.norm_k)
+    return normalise(torch.einsum("bmoe,bmre->bmor", qp, kp) / math.sqrt(qp.shape[-1]), "softmax")
+
+
+def pool_attention_forward(op: nn.Module, v: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """softmax(Q̂ K̂ᵀ/√d) V̂ with V̂ = P(V; Θ_V) pooled first; (B, C, H_out, W_out) on the query's pooled grid."""
+    out = torch.einsum("bmor,bmre->bome", _mvit_scores(op, q, k), _mvit_pool(op, v, op.pool_v, op.kv_stride, None))
+    b, c = v.shape[0], v.shape[1]
+    return like(out.reshape(b, out.shape[1], c), (b, c, *_mvit_grid(op, v.shape[2], v.shape[3], op.q_stride)))
+
+
+def pool_attention_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """A_c[o, i] = Σ_{taps r ← i} S_{h(c)}[o, r] K_V[e(c), ky, kx], per channel c = h·d + e: (B, C, N_out, N_in)."""
+    h, w = v_shape[2], v_shape[3]
+    s = _mvit_scores(op, q, k)
+    kernel = op.pool_v.double()[:, 0]
+    d = kernel.shape[0]
+    a = torch.zeros(s.shape[0], op.heads, d, s.shape[2], h * w, dtype=torch.float64)
+    for r, i, ky, kx in _taps((h, w), _mvit_grid(op, h, w, op.kv_stride), op.kernel_size, op.kv_stride,
+                              op.kernel_size // 2):
+        a[..., i] += s[:, :, None, :, r] * kernel[None, None, :, ky, kx, None]
+    return a.reshape(s.shape[0], op.heads * d, s.shape[2], h * w)
+
+
+def _lambda_terms(op: nn.Module, v_shape, k: Tensor) -> tuple[Tensor, Tensor]:
+    """k̄ (B, N, M, d): keys softmax-normalised over positions per channel; e (N, N, d): e_{p_n − p_m} inside the
+    r×r context, 0 outside (LambdaNetworks Eq. 1-2, §4.2)."""
+    h, w = v_shape[2], v_shape[3]
+    kt = tokens(k)
+    ex = torch.exp(kt - kt.max(1, keepdim=True).values)
+    k_bar = (ex / ex.sum(1, keepdim=True)).reshape(kt.shape[0], kt.shape[1], op.heads, -1)
+    radius = op.context // 2
+    table = op.embedding.double()
+    rel = torch.zeros(h * w, h * w, table.shape[-1], dtype=torch.float64)
+    for n in range(h * w):
+        for m in range(h * w):
+            dy, dx = n // w - m // w, n % w - m % w
+            if abs(dy) <= radius and abs(dx) <= radius:
+                rel[n, m] = table[dy + radius, dx + radius]
+    return k_bar, rel
+
+
+def lambda_matrix(op: nn.Module, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """A_h[n, m] = q_n^h · (k̄_m^h + e_{n−m}), (B, M, N, N)."""
+    k_bar, rel = _lambda_terms(op, v_shape, k)
+    qh = _per_head(q, op.heads)
+    return torch.einsum("bnme,bjme->bmnj", qh, k_bar) + torch.einsum("bnme,nje->bmnj", qh, rel)
+
+
+def lambda_forward(op: nn.Module, v: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """The lambda form: λ^c = K̄ᵀV and λ^p_n = Σ_m e_{n−m} v_mᵀ (d×d per head), then y_n = (λ^c + λ^p_n)ᵀ q_n."""
+    k_bar, rel = _lambda_terms(op, v.shape, k)
+    qh, vh = _per_head(q, op.heads), _per_head(v, op.heads)
+    content = torch.einsum("bjmk,bjme->bmke", k_bar, vh)  # λ^c: (B, M, d_k, d_v)
+    out = torch.zeros_like(qh)
+    for n in range(qh.shape[1]):
+        position = torch.einsum("jk,bjme->bmke", rel[n], vh)  # λ^p_n
+        out[:, n] = torch.einsum("bmk,bmke->bme", qh[:, n], content + position)
+    return like(out.reshape(out.shape[0], out.shape[1], -1), v.shape)
+
+
+def _sra_channels(op: nn.Module, v_shape, q=None, k=None) -> Tensor:
+    if op.reduction == "conv":
+        raise AssertionError("spatial reduction by a conv mixes channels: it has no per-channel N×N matrix")
+    return per_channel(sra_matrix(op, v_shape, q, k), op.dim)
+
+
+REFERENCES.update({
+    LinformerAttention: Reference(linformer_forward, linformer_matrix, channel_matrix=_channels_of(linformer_matrix)),
+    PerformerAttention: Reference(_attention_forward(performer_matrix), performer_matrix,
+                                  channel_matrix=_channels_of(performer_matrix)),
+    SpatialReductionAttention: Reference(sra_forward, sra_matrix, channel_matrix=_sra_channels,
+                                         bias=lambda op: op.reduce.bias if op.reduction == "conv" else None),
+    PoolingAttention: Reference(pool_attention_forward, pool_attention_matrix, channel_matrix=pool_attention_matrix),
+    LambdaLayer: Reference(lambda_forward, lambda_matrix, channel_matrix=_channels_of(lambda_matrix)),
+})
+
 
 
 def reference_for(op: nn.Module) -> Reference:

@@ -518,6 +518,7 @@ def test_ctxagg_space_lists_every_registered_affinity_and_the_reading_list(tmp_p
 DYNCONV_TABLE_1 = {
     "sa": ("dynamic", "hard (all)", "C→1→C", "1×1"),  # ViT
     "window": ("dynamic", "hard (local", "C→1→C", "1×1"),  # Swin Transformer
+    "linformer": ("dynamic", "soft", "C→1→C", "1×1"),  # Linformer
 }
 
 

@@ -19,6 +19,11 @@ from .axial import AxialAttention
 from .conv_attention import QuadraticEncodingAttention
 from .masked import MaskedAttention, SparsePattern
 from .stripes import CrossShapedWindowAttention, ShuffledWindowAttention
+from .linformer import LinformerAttention
+from .performer import PerformerAttention
+from .reduction import SpatialReductionAttention
+from .pooling import PoolingAttention
+from .lambda_layer import LambdaLayer
 
 __all__ = [
     "Affinity", "SelfAttentionAffinity", "DepthwiseConvAffinity", "GroupConvAffinity", "TokenMlpAffinity",
@@ -28,4 +33,5 @@ __all__ = [
     "AttentionAugmentedConv", "DepthwiseSelfAttention", "to_tokens", "from_tokens", "WindowAttention",
     "NeighbourhoodAttention", "AffinityChain", "AxialAttention", "QuadraticEncodingAttention", "MaskedAttention",
     "SparsePattern", "CrossShapedWindowAttention", "ShuffledWindowAttention",
+    "LinformerAttention", "PerformerAttention", "SpatialReductionAttention", "PoolingAttention", "LambdaLayer",
 ]

@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Affinity", "split_heads", "merge_heads", "apply_matrix", "token_count", "to_tokens", "from_tokens"]
+__all__ = ["Affinity", "split_heads", "merge_heads", "apply_matrix", "token_count", "to_tokens", "from_tokens",
+           "check_fixed_tokens"]
 
 
 def token_count(shape: Sequence[int]) -> int:
@@ -29,6 +30,17 @@ def from_tokens(tokens: Tensor, like_shape: Sequence[int]) -> Tensor:
     if len(like_shape) == 4:
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], like_shape[2], like_shape[3])
     return tokens
+
+
+def check_fixed_tokens(op: "Affinity", v: Tensor, grid: Optional[Sequence[int]], advice: str) -> None:
+    """Refuse values whose token count is not the ``op.fixed_tokens`` a fixed-size operator was built for, naming
+    the size it was built for (``grid`` H×W when known) and what was given; ``advice`` says why and what to do."""
+    n = token_count(v.shape)
+    if n != op.fixed_tokens:
+        built = f"{grid[0]}×{grid[1]}" if grid else str(op.fixed_tokens)
+        got = f"{v.shape[2]}×{v.shape[3]}" if v.ndim == 4 else str(n)
+        raise ValueError(f"{type(op).__name__} was built for {built} tokens ({op.fixed_tokens}) and got {got} ({n}); "
+                         + advice)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -54,13 +66,16 @@ def merge_heads(x: Tensor, like_shape: Sequence[int]) -> Tensor:
     return tokens
 
 
-def apply_matrix(a: Tensor, v: Tensor) -> Tensor:
-    """Reference aggregation ``A·V`` with an explicit affinity ``a`` of shape (B or 1, M, N, N)."""
+def apply_matrix(a: Tensor, v: Tensor, out_shape: Optional[Sequence[int]] = None) -> Tensor:
+    """Reference aggregation ``A·V`` with an explicit affinity ``a`` of shape (B or 1, M, N, N).
+
+    A non-square spatial affinity (B or 1, M, N_out, N) (pooled queries, MViT) gives N_out outputs laid out as
+    ``out_shape`` (the operator's :meth:`Affinity.output_shape`); square ones come back shaped like ``v``."""
     heads = a.shape[1]
     vh = split_heads(v, heads)
     b, m, n, d = vh.shape
     if a.shape[-1] == n:
-        return merge_heads(a @ vh, v.shape)
+        return merge_heads(a @ vh, v.shape if out_shape is None else out_shape)
     if a.shape[-1] == n * d:  # channel-mixing affinity over (position, channel) pairs, index n·d + c
         return merge_heads((a @ vh.reshape(b, m, n * d, 1)).view(b, m, n, d), v.shape)
     raise ValueError(f"affinity of shape {tuple(a.shape)} does not fit values of shape {tuple(v.shape)}")
@@ -112,6 +127,11 @@ class Affinity(nn.Module):
         """Multiply-accumulates of ``A·V`` (and of building ``A``) for one image of ``tokens`` tokens."""
         raise NotImplementedError
 
+    def output_shape(self, v_shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of ``forward``'s result for values of ``v_shape``: the same for every square affinity (an operator
+        with pooled queries, whose A is N_out×N, returns its pooled grid)."""
+        return tuple(v_shape)
+
     def check_input(self, v: Tensor) -> None:
         """Raise a clear error for layouts or sizes this operator cannot take."""
         if v.ndim not in (3, 4):
@@ -133,4 +153,4 @@ class Affinity(nn.Module):
 
     def reference(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
         """``A·V + bias`` computed through the explicit matrix: slow, for tests and analysis."""
-        return self.add_bias(apply_matrix(self.matrix(v.shape, q, k), v), self.bias_term())
+        return self.add_bias(apply_matrix(self.matrix(v.shape, q, k), v, self.output_shape(v.shape)), self.bias_term())

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Affinity, merge_heads, split_heads, token_count
+from .base import Affinity, check_fixed_tokens, merge_heads, split_heads
 from .registry import AffinityContext, register_affinity
 
 __all__ = ["TokenMlpAffinity"]
@@ -46,13 +46,8 @@ class TokenMlpAffinity(Affinity):
 
     def check_input(self, v: Tensor) -> None:
         super().check_input(v)
-        n = token_count(v.shape)
-        if n != self.fixed_tokens:
-            built = f"{self.grid[0]}×{self.grid[1]}" if self.grid else str(self.fixed_tokens)
-            got = f"{v.shape[2]}×{v.shape[3]}" if v.ndim == 4 else str(n)
-            raise ValueError(
-                f"{type(self).__name__} was built for {built} tokens ({self.fixed_tokens}) and got {got} ({n}); "
-                "token-MLP affinities have a fixed size: build the model with the img_size you feed it")
+        check_fixed_tokens(self, v, self.grid,
+                           "token-MLP affinities have a fixed size: build the model with the img_size you feed it")
 
     def forward(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
         self.check_input(v)
