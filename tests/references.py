@@ -26,6 +26,7 @@ from ctxagg.affinity import (AffinityChain, AffinityMixture, AxialAttention, Cro
                              DepthwiseSelfAttention, GroupConvAffinity, KeyOnlyAttention, NeighbourhoodAttention,
                              QuadraticEncodingAttention, RelativeSelfAttention2d, SelfAttentionAffinity,
                              TokenMlpAffinity, WindowAttention)
+from ctxagg.affinity.dynamic_conv import DynamicConvAffinity, DynamicDepthwiseConv
 
 from ctxagg.affinity import (LambdaLayer, LinformerAttention, PerformerAttention, PoolingAttention,
                              SpatialReductionAttention)
@@ -615,6 +616,78 @@ def _attention_forward(matrix_fn):
     return forward
 
 
+# ------------------------------------------------------------------ dynamic convolutions (ViT-as-DynConv Table 1: [4], [11])
+
+def pooled_mlp(gen: nn.Module, q: Tensor) -> Tensor:
+    """fc2(ReLU(BN(fc1(m)))), m[b, c] = Σ_{y, x} q[b, c, y, x] / (H·W): global average pooling then two layers
+    (Chen et al. Fig. 3; Han et al.'s generator adds the BatchNorm, by hand here: batch statistics in training)."""
+    m = q.double().sum((2, 3)) / (q.shape[2] * q.shape[3])
+    hidden = torch.einsum("jc,bc->bj", gen.fc1.weight.double(), m)
+    if gen.fc1.bias is not None:
+        hidden = hidden + gen.fc1.bias.double()
+    if isinstance(gen.norm, nn.BatchNorm1d):
+        hidden = _batch_norm(hidden, gen.norm)
+    return torch.einsum("oj,bj->bo", gen.fc2.weight.double(), torch.clamp(hidden, min=0)) + gen.fc2.bias.double()
+
+
+def dynamic_conv_kernels(op: DynamicConvAffinity, q: Tensor) -> Tensor:
+    """W̃_b = Σ_k π_bk W_k, π_b = exp(z_b / τ) / Σ_k exp(z_bk / τ), z = the attention branch (Chen et al. Eq. 1-3):
+    (B, C_out, C_in, k, k), one kernel per image."""
+    z = pooled_mlp(op.attention, q) / op.temperature
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    return torch.einsum("bk,koihw->boihw", e / e.sum(-1, keepdim=True), op.bank.double())
+
+
+def dynamic_conv_forward(op: DynamicConvAffinity, v: Tensor, q: Optional[Tensor] = None, k=None) -> Tensor:
+    """o[b] = W̃_b ⋆ v[b] + bias: every image through the (loop) convolution reference with its own kernels."""
+    kernels = dynamic_conv_kernels(op, v if q is None else q)
+    return torch.cat([group_conv_forward(kernels[i], op.bias, 1, v[i:i + 1]) for i in range(v.shape[0])])
+
+
+def dynamic_conv_matrix(op: DynamicConvAffinity, v_shape, q: Tensor, k=None) -> Tensor:
+    """(B, 1, N·C, N·C), index n·C + c: column (n', i) of image b is the response of W̃_b ⋆ to a unit impulse at
+    position n', channel i (A is linear in V, so its columns are impulse responses; no Toeplitz indexing here)."""
+    kernels = dynamic_conv_kernels(op, q)
+    b, c, h, w = v_shape
+    size = h * w * c
+    impulses = torch.einsum("jhwc->jchw", torch.eye(size, dtype=torch.float64).reshape(size, h, w, c))
+    cols = [group_conv_forward(kernels[i], None, 1, impulses) for i in range(b)]  # (N·C_in, C_out, H, W)
+    return torch.stack([torch.einsum("jchw->hwcj", col).reshape(size, size) for col in cols]).unsqueeze(1)
+
+
+def dynamic_dw_kernels(op: DynamicDepthwiseConv, q: Tensor) -> Tensor:
+    """Ker_b[c, ky, kx] = generator output c·k² + ky·k + kx (the layout documented by the operator): (B, C, k, k)."""
+    size = op.kernel_size
+    return pooled_mlp(op.generator, q).reshape(q.shape[0], op.dim, size, size)
+
+
+def _depthwise_with(kernels: Tensor, v: Tensor) -> Tensor:
+    """o[b, c, y, x] = Σ_{ky, kx} kernels[c, ky, kx] v[b, c, y + ky − k//2, x + kx − k//2], zero padding."""
+    size = kernels.shape[-1]
+    vp = _padded(v, size // 2)
+    out = torch.zeros(v.shape, dtype=torch.float64)
+    for ky in range(size):
+        for kx in range(size):
+            out = out + kernels[None, :, ky, kx, None, None] * vp[:, :, ky:ky + v.shape[2], kx:kx + v.shape[3]]
+    return out
+
+
+def dynamic_dw_forward(op: DynamicDepthwiseConv, v: Tensor, q: Optional[Tensor] = None, k=None) -> Tensor:
+    """o[b] = Ker_b ⋆ v[b] (depth-wise) + bias (Han et al.'s dynamic depth-wise convolution)."""
+    kernels = dynamic_dw_kernels(op, v if q is None else q)
+    out = torch.cat([_depthwise_with(kernels[i], v[i:i + 1]) for i in range(v.shape[0])])
+    return out + (0 if op.bias is None else op.bias.double().view(1, -1, 1, 1))
+
+
+def dynamic_dw_matrix(op: DynamicDepthwiseConv, v_shape, q: Tensor, k=None) -> Tensor:
+    """(B, C, N, N): column n' of channel c is the response of Ker_b ⋆ to a unit impulse at position n'."""
+    kernels = dynamic_dw_kernels(op, q)
+    b, c, h, w = v_shape
+    n = h * w
+    impulses = torch.eye(n, dtype=torch.float64).reshape(n, 1, h, w).expand(n, c, h, w)
+    return torch.stack([_depthwise_with(kernels[i], impulses).reshape(n, c, n).permute(1, 2, 0) for i in range(b)])
+
+
 # ------------------------------------------------------------------ the mixture (Container Eq. 9)
 
 def mixture_gates(op: AffinityMixture) -> tuple[Tensor, Tensor]:
@@ -700,6 +773,9 @@ for _cls, _matrix in ((WindowAttention, window_attention_matrix),
 REFERENCES[AffinityChain] = Reference(
     _chain_forward, lambda op, v_shape, q=None, k=None: _chain_channels(op, v_shape, q, k)[:, ::op.dim // op.heads],
     bias=lambda op: reference_for(op.second).bias(op.second), channel_matrix=_chain_channels)
+REFERENCES[DynamicConvAffinity] = Reference(dynamic_conv_forward, dynamic_conv_matrix, bias=lambda op: op.bias)
+REFERENCES[DynamicDepthwiseConv] = Reference(dynamic_dw_forward, dynamic_dw_matrix, bias=lambda op: op.bias,
+                                             channel_matrix=dynamic_dw_matrix)
 
 
 # ------------------------------------------------------------------ how A is generated, part 2 (issue 18): Linformer,

@@ -519,6 +519,8 @@ DYNCONV_TABLE_1 = {
     "sa": ("dynamic", "hard (all)", "C→1→C", "1×1"),  # ViT
     "window": ("dynamic", "hard (local", "C→1→C", "1×1"),  # Swin Transformer
     "linformer": ("dynamic", "soft", "C→1→C", "1×1"),  # Linformer
+    "dynamic_conv": ("static", "soft", "C→C", "3×3"),  # Dynamic Conv. [4]
+    "dynamic_dw": ("none", "none", "depth-wise", "7×7"),  # Dynamic DW-Conv. [11]: N/A, N/A (kernels made per image)
 }
 
 

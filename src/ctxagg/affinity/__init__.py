@@ -19,6 +19,7 @@ from .axial import AxialAttention
 from .conv_attention import QuadraticEncodingAttention
 from .masked import MaskedAttention, SparsePattern
 from .stripes import CrossShapedWindowAttention, ShuffledWindowAttention
+from .dynamic_conv import DynamicConvAffinity, DynamicDepthwiseConv
 from .linformer import LinformerAttention
 from .performer import PerformerAttention
 from .reduction import SpatialReductionAttention
@@ -33,5 +34,6 @@ __all__ = [
     "AttentionAugmentedConv", "DepthwiseSelfAttention", "to_tokens", "from_tokens", "WindowAttention",
     "NeighbourhoodAttention", "AffinityChain", "AxialAttention", "QuadraticEncodingAttention", "MaskedAttention",
     "SparsePattern", "CrossShapedWindowAttention", "ShuffledWindowAttention",
+    "DynamicConvAffinity", "DynamicDepthwiseConv",
     "LinformerAttention", "PerformerAttention", "SpatialReductionAttention", "PoolingAttention", "LambdaLayer",
 ]

@@ -44,6 +44,10 @@ class AffinityMixture(Affinity):
         self.static_affinity = static_affinity
         self.gate = gate
         self.dynamic = dynamic_affinity.dynamic  # the Affinity flag: whether forward needs q and k
+        # what a block feeds the dynamic part (AggregationBlock): (k, q) to a value-free one, (v, v) to one whose
+        # kernels come from the values (dynamic convolutions); the static part gets that first tensor
+        self.uses_value = getattr(dynamic_affinity, "uses_value", True)
+        self.kernels_from_values = getattr(dynamic_affinity, "kernels_from_values", False)
         self.needs_grid = dynamic_affinity.needs_grid or static_affinity.needs_grid
         self.fixed_tokens = static_affinity.fixed_tokens or dynamic_affinity.fixed_tokens
         if gate == "convex":

@@ -29,9 +29,12 @@ class AggregationBlock(nn.Module):
         self.pos_embed = ConvPosEnc(dim, pos_kernel) if pos_kernel else nn.Identity()  # x + dw(x)
         self.norm1 = norm_layer(dim)
         # a dynamic affinity takes (v, q, k); one that aggregates the keys itself (``uses_value = False``, e.g.
-        # ViT-as-DynConv's depth-wise self-attention, Eq. 5) takes only (k, q), so only those are projected
+        # ViT-as-DynConv's depth-wise self-attention, Eq. 5) takes only (k, q), so only those are projected; one
+        # whose kernels come from the values it convolves (``kernels_from_values``, dynamic convs) takes (v, v)
         self.uses_value = getattr(affinity, "uses_value", True)
-        self.proj_in = nn.Conv2d(dim, dim * ((3 if self.uses_value else 2) if affinity.dynamic else 1), 1)
+        self.kernels_from_values = getattr(affinity, "kernels_from_values", False)
+        projected = (3 if self.uses_value else 2) if affinity.dynamic and not self.kernels_from_values else 1
+        self.proj_in = nn.Conv2d(dim, dim * projected, 1)
         self.affinity = affinity
         self.proj_out = nn.Conv2d(dim, dim, 1)
         self.proj_drop = nn.Dropout(drop)
@@ -44,6 +47,8 @@ class AggregationBlock(nn.Module):
         """The affinity's positional inputs, in the order of its ``forward`` (the contract's (v, q, k)),
         from the block input *after* the positional term; q and k are None for a static affinity."""
         y = self.proj_in(self.norm1(x))
+        if self.kernels_from_values:
+            return y, y, None  # the kernels are generated from the values themselves (no q/k projection)
         if self.affinity.dynamic and not self.uses_value:
             q, k = y.chunk(2, dim=1)
             return k, q, None  # the keys take the values' place (the operator's contract)
