@@ -8,12 +8,12 @@ import timm
 
 from ..errors import ConfigError
 
-from . import container, lesa, linglos, swin, vit
+from . import container, dwnet, lesa, linglos, swin, vit
 from .container import ContainerNet
 
-__all__ = ["ContainerNet", "container", "lesa", "linglos", "swin", "vit", "model_names", "paper_numbers", "resolve_model_name"]
+__all__ = ["ContainerNet", "container", "dwnet", "lesa", "linglos", "swin", "vit", "model_names", "paper_numbers", "resolve_model_name"]
 
-_FAMILIES = (container, lesa, linglos, swin, vit)
+_FAMILIES = (container, dwnet, lesa, linglos, swin, vit)
 
 
 def _family_key(family) -> str:
