@@ -66,3 +66,15 @@ def test_compare_trains_every_variant_with_every_seed(tmp_path):
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["seeds"] == [1, 2] and (tmp_path / "cmp" / "compare.png").stat().st_size > 0
     assert " ± " in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_vary_makes_one_variant_per_value_of_one_model_argument():
+    from ctxagg.cli import _vary
+    from ctxagg.train.compare import kwarg_variants
+    key, values = _vary("attn-norm=softmax,scale_relu")
+    variants = kwarg_variants("deit_s", key, values)
+    assert [(v.label, v.kwargs) for v in variants] == [("attn_norm=softmax", {"attn_norm": "softmax"}),
+                                                      ("attn_norm=scale_relu", {"attn_norm": "scale_relu"})]
+    assert _vary("depth=2,4") == ("depth", [2, 4])
+    with pytest.raises(ConfigError, match="KEY=VALUE1,VALUE2"):
+        _vary("attn_norm")

@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser", "resolve_model_name", "LIBRARY_ERRORS"]
 # what `main` reports in one line: the library's own errors, bad inputs, and the file system's (a full disk,
 # a missing path: the message names the file)
 LIBRARY_ERRORS = (CtxaggError, InputError, OSError)
-BENCH_TOOLS = ("throughput", "sweep", "deploy", "dense")
+BENCH_TOOLS = ("throughput", "sweep", "deploy", "dense", "train")
 
 
 def _csv(text: str, kind: Callable = str) -> list:
@@ -129,7 +129,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                  args.warmup, args.repeats, args.max_seconds, args.device, args.output, args.overwrite)
     elif args.tool == "deploy":
         report = commands.run_deploy(_models(args.models) if args.models else None, args.batch_size, args.img_size,
-                                     args.warmup, args.repeats, not args.no_compile, args.output, args.overwrite)
+                                     args.warmup, args.repeats, not args.no_compile, args.output, args.overwrite,
+                                     not args.no_int8, args.latency_batch or None, args.device, args.peers)
+    elif args.tool == "train":
+        report = commands.run_train_bench(_models(args.models), args.batch_size, args.img_size, _csv(args.variants),
+                                          args.warmup, args.repeats, args.device, not args.no_memory, args.output,
+                                          args.overwrite)
     else:
         report = commands.run_throughput(
             _models(args.models), _csv(args.batch_sizes, int), _csv(args.img_sizes, int), _csv(args.dtypes),
@@ -148,9 +153,9 @@ def _bench_common(p: argparse.ArgumentParser, warmup: int, repeats: int) -> None
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = _add_parser(sub, "bench", help="speed and memory: `bench throughput|sweep|deploy|dense`",
-                    description="Four measuring tools; each writes its numbers to a results folder.")
-    tools = p.add_subparsers(dest="tool", required=True, metavar="{throughput,sweep,deploy,dense}")
+    p = _add_parser(sub, "bench", help="speed and memory: `bench throughput|sweep|deploy|dense|train`",
+                    description="Five measuring tools; each writes its numbers to a results folder.")
+    tools = p.add_subparsers(dest="tool", required=True, metavar="{throughput,sweep,deploy,dense,train}")
     t = _add_parser(tools, "throughput", help="img/s, latency (median, IQR) and peak memory over a grid",
                     description="Inference throughput, latency over --repeats passes after --warmup, and peak "
                                 "memory (CPU: peak live tensor bytes per ATen op; CUDA: max_memory_allocated) over "
@@ -183,8 +188,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                     "resnet50_lesa, deit_s)")
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--img-size", type=int, default=224)
-    d.add_argument("--no-compile", action="store_true", help="without torch.compile")
+    d.add_argument("--no-compile", action="store_true", help="the deploy variants without torch.compile (no int8)")
+    d.add_argument("--no-int8", action="store_true", help="skip the int8 variants (PT2E, x86 CPUs only)")
+    d.add_argument("--latency-batch", type=int, default=1,
+                   help="also the latency of every variant at this batch size (0: skip; default: 1)")
+    d.add_argument("--peers", action="store_true", help="also timm's closest models of similar size: "
+                                                        "resnet50, convnext_tiny, deit_small_patch16_224, pvt_v2_b2, "
+                                                        "twins_svt_small, swin_tiny_patch4_window7_224")
+    d.add_argument("--device", default="cpu", help="cpu or cuda[:N] (int8 variants run on CPUs only)")
     _bench_common(d, warmup=1, repeats=3)
+    _add_bench_train(tools)
     n = _add_parser(tools, "dense", help="backbones as detectors see them, at 512×512 and 800×1333",
                     description="Each backbone built for dense prediction (any input size; the four FPN levels) "
                                 "at segmentation and detection sizes: predicted GMACs and materialised-attention "
@@ -198,6 +211,25 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="run a size only if its predicted time a pass fits (else predictions only)")
     n.add_argument("--device", default="cpu")
     _bench_common(n, warmup=1, repeats=3)
+
+
+def _add_bench_train(tools: argparse._SubParsersAction) -> None:
+    from ctxagg.bench.train_speed import TRAIN_VARIANTS
+
+    r = _add_parser(tools, "train", help="training img/s and peak memory: eager / compiled / bf16 / channels_last",
+                    description="One optimiser step (forward + backward + AdamW) per variant of each model, timed "
+                                "round-robin across variants, with the peak memory of a step (CPU: the allocator's "
+                                "running total seen by torch.profiler; CUDA: max_memory_allocated) and the first "
+                                "(compiling) step's time. What `ctxagg train --compile/--amp/--channels-last` buy. "
+                                "Writes bench_train.json.")
+    r.add_argument("--models", default="container_light", help="comma-separated model names")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--img-size", type=int, default=224)
+    r.add_argument("--variants", default="eager,compiled,eager_bf16,compiled_bf16",
+                   help=f"comma-separated, from {', '.join(TRAIN_VARIANTS)}")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    _bench_common(r, warmup=2, repeats=5)
 
 
 def _old_bench_usage(argv: Sequence[str]) -> Optional[str]:
@@ -328,17 +360,32 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+def _vary(text: str) -> tuple[str, list]:
+    """``attn_norm=softmax,scale`` -> ("attn_norm", ["softmax", "scale"]); values are JSON where they parse."""
+    key, sep, values = text.partition("=")
+    if not sep or not key or not values:
+        raise ConfigError(f"--vary {text!r}: write KEY=VALUE1,VALUE2 (e.g. attn_norm=softmax,scale_relu)")
+
+    def value(word: str):
+        try:
+            return json.loads(word)
+        except json.JSONDecodeError:
+            return word
+    return key.replace("-", "_"), [value(w) for w in _csv(values)]
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from ctxagg.affinity.registry import split_arguments
-    from ctxagg.train.compare import Variant, compare, match_parameters, mixer_variants
+    from ctxagg.train.compare import Variant, compare, kwarg_variants, match_parameters, mixer_variants
 
     models = _models(args.models)
     base = _config_from(args, model=models[0], output=None).validate()
-    if args.mixers:
-        if len(models) != 1:
-            raise ConfigError("--mixers swaps the mixer of one base model; give exactly one --models name")
+    if args.mixers or args.vary:
+        if len(models) != 1 or (args.mixers and args.vary):
+            raise ConfigError("--mixers or --vary changes one base model; give exactly one --models name and one of them")
         variants = [Variant(v.label, v.model, {**base.model_kwargs, **v.kwargs})
-                    for v in mixer_variants(models[0], split_arguments(args.mixers.replace(" ", "")))]
+                    for v in (mixer_variants(models[0], split_arguments(args.mixers.replace(" ", "")))
+                              if args.mixers else kwarg_variants(models[0], *_vary(args.vary)))]
     else:
         variants = [Variant(m, m, dict(base.model_kwargs)) for m in models]
     if args.match_params is not None:
@@ -359,6 +406,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixers", help="comma-separated affinity specs (commas inside mix(...) are kept) that each "
                                     "replace the base model's mixer in every stage (Container Table 2), e.g. "
                                     "'sa,dw5,mix(sa,dw5)'; 'a/b/c/d' sets one spec per stage")
+    p.add_argument("--vary", metavar="KEY=V1,V2",
+                   help="one variant of the base model per value of one model argument, e.g. "
+                        "attn_norm=softmax,none,scale,scale_relu,layernorm,ln_relu (ViT-as-DynConv Figures 4, 6)")
     p.add_argument("--seeds", help="comma-separated seeds (data subset and initialisation); table shows mean ± std")
     p.add_argument("--match-params", type=float, metavar="TOL",
                    help="scale each variant's channel-MLP widths so its backbone parameters match the first "
@@ -369,11 +419,33 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
+def _cmd_export_int8(args: argparse.Namespace) -> int:
+    from ctxagg.export.int8 import run_int8_export
+    from ctxagg.export.run import refuse_existing_file
+
+    if args.format not in (None, "exported-program"):
+        raise ConfigError(f"--int8 saves a torch.export program (.pt2); --format {args.format} cannot hold it")
+    if not args.calib:
+        raise ConfigError("--int8 needs --calib DATA: images to calibrate on (digits, imagefolder:PATH, cifar10:PATH, "
+                          "mnist:PATH); its validation split measures the top-1 agreement with fp32")
+    refuse_existing_file(args.output, args.overwrite)
+    r = run_int8_export(args.output, args.calib, args.model, args.checkpoint, args.int8_mode, args.img_size,
+                        args.calib_images, args.val_images, bf16=args.int8_bf16, model_kwargs=args.model_kwargs)
+    print(f"int8 ({r['mode']}, calibrated on {r['calib_images']} images of {r['calib']}) saved to {r['path']} "
+          f"({r['size_mb']:.1f} MB); reloaded program vs in-memory: max |diff| {r['max_abs_error'][0]:.1e}")
+    print(f"on {r['val_images']} validation images: fp32 top-1 {r['fp32_top1']:.2f}%, int8 top-1 {r['int8_top1']:.2f}%, "
+          f"top-1 agreement {r['top1_agreement']:.2f}% (compiled int8{' + bf16' if r['bf16_rest'] else ''})")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from ctxagg.export import run_export
 
     if args.model:
         resolve_model_name(args.model)
+    if args.int8:
+        return _cmd_export_int8(args)
+    args.format = args.format or "onnx"
     report = run_export(args.output, args.model, args.checkpoint, args.format, args.img_size, args.static_spatial,
                         not args.no_reparameterize, args.model_kwargs, args.overwrite)
     errors = ", ".join(f"{e:.1e}" for e in report["max_abs_error"])
@@ -395,12 +467,21 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                 "PyTorch (ONNX: in onnxruntime) on other batch sizes and image sizes.")
     p.add_argument("--model", help="registered model name")
     p.add_argument("--checkpoint", help="a model_best.safetensors from `ctxagg train` (model rebuilt from it)")
-    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--format", choices=FORMATS, help="default: onnx (exported-program with --int8)")
     _add_output(p, "file to write (.onnx, .pt, or .pt2 for exported-program)", required=True)
     p.add_argument("--img-size", type=int, help="export size (default: the model's / run's)")
     p.add_argument("--static-spatial", action="store_true", help="fix H, W (the batch axis stays dynamic)")
     p.add_argument("--no-reparameterize", action="store_true", help="export the training-form model")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="extra model arguments as JSON")
+    p.add_argument("--int8", action="store_true", help="int8 post-training quantization (PT2E, x86 inductor "
+                                                       "quantizer; needs torchao) saved as a .pt2 program")
+    p.add_argument("--int8-mode", choices=("static", "dynamic"), default="static",
+                   help="static: convs and linears, activations calibrated; dynamic: linears only, ranges per batch")
+    p.add_argument("--int8-bf16", action="store_true", help="measure the agreement with the unquantized ops in bf16")
+    p.add_argument("--calib", help="images to calibrate on (a data SPEC as in `ctxagg train --data`)")
+    p.add_argument("--calib-images", type=int, default=256, help="calibration images from its training split")
+    p.add_argument("--val-images", type=int, default=1000,
+                   help="validation images on which int8 and fp32 top-1 are compared")
     p.set_defaults(func=_cmd_export)
 
 

@@ -25,7 +25,7 @@ from .config import TrainConfig, input_size_overrides
 from .engine import train
 from .plots import plt
 
-__all__ = ["Variant", "compare", "mixer_variants", "match_parameters", "backbone_params", "COMPARE_OUTPUTS"]
+__all__ = ["Variant", "compare", "mixer_variants", "kwarg_variants", "match_parameters", "backbone_params", "COMPARE_OUTPUTS"]
 
 COMPARE_OUTPUTS = ("compare.md", "compare.json", "compare.png")
 
@@ -54,6 +54,12 @@ def mixer_variants(model: str, mixers: Sequence[str], stages: int = 4) -> list[V
         variants.append(Variant(spec, model, dict(mixers=tuple(per_stage * stages if len(per_stage) == 1
                                                                  else per_stage))))
     return variants
+
+
+def kwarg_variants(model: str, key: str, values: Sequence[Any]) -> list[Variant]:
+    """One variant of ``model`` per value of one constructor argument (``attn_norm`` over ViT-as-DynConv's
+    normalisers, Figures 4 and 6); the label is ``key=value``."""
+    return [Variant(f"{key}={value}", model, {key: value}) for value in values]
 
 
 def backbone_params(model: str, img_size: int, **kwargs: Any) -> int:
