@@ -27,6 +27,9 @@ from ctxagg.affinity import (AffinityChain, AffinityMixture, AxialAttention, Cro
                              QuadraticEncodingAttention, RelativeSelfAttention2d, SelfAttentionAffinity,
                              TokenMlpAffinity, WindowAttention)
 from ctxagg.affinity.dynamic_conv import DynamicConvAffinity, DynamicDepthwiseConv
+from ctxagg.affinity import (AdditiveAttention, DisentangledNonLocal, HeadMixing, LogitMixedAttention,
+                             OutlookAttention, PositionalAttention, RelativeBiasAttention, SeparableSelfAttention,
+                             token_count)
 
 from ctxagg.affinity import (LambdaLayer, LinformerAttention, PerformerAttention, PoolingAttention,
                              SpatialReductionAttention)
@@ -691,8 +694,9 @@ def dynamic_dw_matrix(op: DynamicDepthwiseConv, v_shape, q: Tensor, k=None) -> T
 # ------------------------------------------------------------------ the mixture (Container Eq. 9)
 
 def mixture_gates(op: AffinityMixture) -> tuple[Tensor, Tensor]:
-    """convex: α = 1 / (1 + exp(−w)), β = 1 − α (official release); free: α, β as learned (Eq. 9)."""
-    if op.gate == "convex":
+    """convex: α = 1 / (1 + exp(−w)), β = 1 − α (official release); per_head: the same with one w per head of the
+    mixture (ConViT's GPSA, λ_h = −w_h); free: α, β as learned (Eq. 9)."""
+    if op.gate in ("convex", "per_head"):
         alpha = 1 / (1 + torch.exp(-op.gate_logit.double()))
         return alpha, 1 - alpha
     return op.alpha.double(), op.beta.double()
@@ -720,13 +724,14 @@ def _mixture_channels(op: AffinityMixture, v_shape, q=None, k=None) -> Tensor:
         if ref.channel_matrix is None:
             raise AssertionError(f"the mixture reference needs a spatial (N×N) part, got {type(part).__name__}")
         parts.append(ref.channel_matrix(part, v_shape, *inputs))
+    alpha, beta = (_gate_channels(w, op.dim).view(-1, 1, 1) for w in (alpha, beta))
     return alpha * parts[0] + beta * parts[1]
 
 
 def _mixture_bias(op: AffinityMixture) -> Optional[Tensor]:
     alpha, beta = mixture_gates(op)
     biases = [(w, reference_for(p).bias(p)) for w, p in ((alpha, op.dynamic_affinity), (beta, op.static_affinity))]
-    terms = [w * b.double() for w, b in biases if b is not None]
+    terms = [_gate_channels(w, op.dim) * b.double() for w, b in biases if b is not None]
     return sum(terms) if terms else None
 
 
@@ -1025,6 +1030,179 @@ REFERENCES.update({
     LambdaLayer: Reference(lambda_forward, lambda_matrix, channel_matrix=_channels_of(lambda_matrix)),
 })
 
+
+# ------------------------------------------------------------------ how A is generated, part 2 (issue 18), second half:
+# global vectors (Fastformer, MobileViTv2), outlook (VOLO), DNL, ConViT's positional attention, pre-softmax bias
+# (CoAtNet, LeViT), head mixing (DeepViT, CaiT), CvT's convolutional projection
+
+def _token_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, C, H, W) or (B, N, C) as (B, N, M, d) float64 tokens, channel m·d + e."""
+    t = tokens(x)
+    return t.reshape(t.shape[0], t.shape[1], heads, t.shape[2] // heads)
+
+
+def _pooled(weights: Tensor, x: Tensor) -> Tensor:
+    """Σ_n weights[b, m, n] x[b, n, m, e] -> (B, M, d)."""
+    return torch.einsum("bmn,bnme->bme", weights, x)
+
+
+def additive_gains(op: AdditiveAttention, q: Tensor, k: Tensor) -> Tensor:
+    """Fastformer §3.2 per head (d = C/M): α_i = softmax_i(w_q·q_i/√d), Q = Σ_i α_i q_i; p_i = Q ⊙ k_i,
+    β_i = softmax_i(w_k·p_i/√d), g = Σ_i β_i p_i. Returns g per channel, (B, C)."""
+    qh, kh = _token_heads(q, op.attn_heads), _token_heads(k, op.attn_heads)
+    d = qh.shape[-1]
+    alpha = normalise(torch.einsum("bnme,me->bmn", qh, op.query_vector.double()) / math.sqrt(d), "softmax")
+    p = kh * _pooled(alpha, qh)[:, None]
+    beta = normalise(torch.einsum("bnme,me->bmn", p, op.key_vector.double()) / math.sqrt(d), "softmax")
+    return _pooled(beta, p).reshape(qh.shape[0], -1)
+
+
+def additive_matrix(op: AdditiveAttention, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """u_i = g ⊙ v_i: A_c[i, j] = g_c if i == j else 0, (B, C, N, N)."""
+    n = token_count(v_shape)
+    return torch.einsum("bc,ij->bcij", additive_gains(op, q, k), torch.eye(n, dtype=torch.float64))
+
+
+def additive_forward(op: AdditiveAttention, v: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    return like(tokens(v) * additive_gains(op, q, k)[:, None, :], v.shape)
+
+
+def separable_scores(op: SeparableSelfAttention, s: Tensor) -> Tensor:
+    """MobileViTv2 §3.2: cs_j = softmax_j(w_I·s_j) per head (no scale), per channel h(c): (B, C, N)."""
+    sh = _token_heads(s, op.attn_heads)
+    scores = normalise(torch.einsum("bnme,me->bmn", sh, op.saliency.double()), "softmax")
+    return scores[:, head_of_channel(op.dim, op.attn_heads)]
+
+
+def separable_matrix(op: SeparableSelfAttention, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """A_c[i, j] = max(q_i[c], 0) · cs_j (slots: v = the paper's K, q = the paper's V, k = the saliency input)."""
+    return torch.einsum("bic,bcj->bcij", torch.clamp(tokens(q), min=0), separable_scores(op, k))
+
+
+def separable_forward(op: SeparableSelfAttention, v: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """y_i = ReLU(q_i) ⊙ c_v, c_v[c] = Σ_j cs_j v_j[c] (the context vector of the keys in v)."""
+    context = torch.einsum("bcj,bjc->bc", separable_scores(op, k), tokens(v))
+    return like(torch.clamp(tokens(q), min=0) * context[:, None, :], v.shape)
+
+
+def outlook_matrix(op: OutlookAttention, v_shape, q: Tensor, k=None) -> Tensor:
+    """VOLO §3.1, stride 1: window centre c gets weights softmax_{a'}((W_A q_c + b_A)[m, a, a'] / √d) over its K×K
+    slots (slot a = (ay, ax) at c + (ay − K//2, ax − K//2)); slot a's output Σ_{a'} w[a, a'] v[slot a'] is folded back
+    to slot a's position and the windows' outputs summed. Padded slots hold zeros. Loops over centres and slot pairs."""
+    h, w = v_shape[2], v_shape[3]
+    size, r, n = op.kernel_size, op.kernel_size // 2, h * w
+    qt = tokens(q)
+    logits = torch.einsum("oc,bnc->bno", op.generator.weight.double(), qt) + op.generator.bias.double()
+    logits = logits.reshape(qt.shape[0], n, op.heads, size * size, size * size) / math.sqrt(op.dim // op.heads)
+    weights = normalise(logits, "softmax")
+    a = torch.zeros(qt.shape[0], op.heads, n, n, dtype=torch.float64)
+    for cy in range(h):
+        for cx in range(w):
+            slots = [(cy + ay - r, cx + ax - r) for ay in range(size) for ax in range(size)]
+            for s1, (y1, x1) in enumerate(slots):
+                for s2, (y2, x2) in enumerate(slots):
+                    if 0 <= y1 < h and 0 <= x1 < w and 0 <= y2 < h and 0 <= x2 < w:
+                        a[:, :, y1 * w + x1, y2 * w + x2] += weights[:, cy * w + cx, :, s1, s2]
+    return a
+
+
+def dnl_matrix(op: DisentangledNonLocal, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """DNL §3: softmax_j((q_i − μ_q)·(k_j − μ_k)/√d) + softmax_j(w_m·k_j), μ the means over positions, per head."""
+    qh, kh = _token_heads(q, op.heads), _token_heads(k, op.heads)
+    n, d = qh.shape[1], qh.shape[-1]
+    qw, kw = qh - qh.sum(1, keepdim=True) / n, kh - kh.sum(1, keepdim=True) / n
+    pairwise = normalise(torch.einsum("bime,bjme->bmij", qw, kw) / math.sqrt(d), "softmax")
+    unary = normalise(torch.einsum("bjme,me->bmj", kh, op.unary.double()), "softmax")
+    return pairwise + unary[:, :, None, :]
+
+
+def positional_matrix(op: PositionalAttention, v_shape, q=None, k=None) -> Tensor:
+    """ConViT: A_h[i, j] = exp(v_h·r_ij) / Σ_j' exp(v_h·r_ij'), r_ij = (δx, δy, δx² + δy²), δ = key − query, over the
+    image's keys; the 2-D softmax over all N keys written out (no factorisation), (1, M, N, N)."""
+    h, w = v_shape[2], v_shape[3]
+    n = h * w
+    r = torch.tensor([[[j % w - i % w, j // w - i // w, (j % w - i % w) ** 2 + (j // w - i // w) ** 2]
+                       for j in range(n)] for i in range(n)], dtype=torch.float64)
+    return normalise(torch.einsum("ijt,mt->mij", r, op.weight.double()), "softmax").unsqueeze(0)
+
+
+def relative_bias_matrix(op: RelativeBiasAttention, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """CoAtNet Eq. 3 / LeViT: norm(QKᵀ/√d + B), B_h[i, j] = w_h[y_i − y_j, x_i − x_j] of a (2H−1)×(2W−1) table, offsets
+    clipped to it (Shaw et al.), or w_h[|y_i − y_j|, |x_i − x_j|] of an H×W table (``symmetric``, LeViT)."""
+    h, w = v_shape[2], v_shape[3]
+    gh, gw = op.grid
+    n = h * w
+    bias = torch.zeros(op.heads, n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            dy, dx = i // w - j // w, i % w - j % w
+            if op.symmetric:
+                iy, ix = min(abs(dy), gh - 1), min(abs(dx), gw - 1)
+            else:
+                iy, ix = max(1 - gh, min(gh - 1, dy)) + gh - 1, max(1 - gw, min(gw - 1, dx)) + gw - 1
+            bias[:, i, j] = op.table[:, iy, ix].double()
+    return normalise(attention_scores(q, k, op.heads) + bias, normaliser_name(op))
+
+
+def logit_mixed_matrix(op: LogitMixedAttention, v_shape, q: Tensor, k: Tensor) -> Tensor:
+    """Talking heads before the normaliser (Shazeer et al. 2020): norm(Σ_g Θ^l_hg Q_g K_gᵀ/√d)."""
+    s = attention_scores(q, k, op.heads)
+    return normalise(torch.einsum("hg,bgij->bhij", op.logit_mixing.double(), s), normaliser_name(op))
+
+
+def head_mixing_matrix(op: HeadMixing, v_shape, q=None, k=None) -> Tensor:
+    """DeepViT re-attention / CaiT's post-softmax talking heads: A'_h = Σ_g Θ_hg A_g over the inner affinity's
+    reference maps (B or 1, M, N, N)."""
+    inner = op.inner
+    a = reference_for(inner).matrix(inner, v_shape, q, k)
+    if a.shape[-1] != token_count(v_shape):
+        raise AssertionError(f"the head-mixing reference needs spatial (N×N) maps, got {type(inner).__name__}")
+    return torch.einsum("hg,bgij->bhij", op.mixing.double(), a.double())
+
+
+def head_mixing_bias(op: HeadMixing) -> Optional[Tensor]:
+    """out_h = Σ_g Θ_hg (A_g V_h + b_g): the bias of head h's channel e is Σ_g Θ_hg b[g·d + e]."""
+    b = reference_for(op.inner).bias(op.inner)
+    if b is None:
+        return None
+    return torch.einsum("hg,ge->he", op.mixing.double(), b.double().reshape(op.heads, -1)).reshape(-1)
+
+
+def head_mixing_forward(op: HeadMixing, v: Tensor, q=None, k=None) -> Tensor:
+    out = aggregate(per_channel(head_mixing_matrix(op, v.shape, q, k), op.dim), tokens(v))
+    bias = head_mixing_bias(op)
+    return like(out if bias is None else out + bias, v.shape)
+
+
+def conv_projection_forward(proj: nn.Module, x: Tensor) -> Tensor:
+    """CvT §3.2: per output (q, k, v in that order) W_r · BN_r(DW_r ⋆ x): a k×k depth-wise conv (zero padding, no
+    bias), BatchNorm (batch statistics in training, running ones in eval), a point-wise 1×1 conv; concatenated."""
+    outs = []
+    for dw, bn, pw in proj.branches:
+        y = group_conv_forward(dw.weight, dw.bias, dw.weight.shape[0], x)
+        outs.append(_conv1x1(_batch_norm(y, bn), pw))
+    return torch.cat(outs, 1)
+
+
+def _gate_channels(w: Tensor, dim: int) -> Tensor:
+    """A mixture gate of one entry (as is) or one per head h, read per channel c as entry h(c)."""
+    return w if w.numel() == 1 else w[head_of_channel(dim, w.numel())]
+
+
+REFERENCES.update({
+    AdditiveAttention: Reference(additive_forward, additive_matrix, channel_matrix=additive_matrix),
+    SeparableSelfAttention: Reference(separable_forward, separable_matrix, channel_matrix=separable_matrix),
+    OutlookAttention: Reference(_attention_forward(outlook_matrix), outlook_matrix,
+                                channel_matrix=_channels_of(outlook_matrix)),
+    DisentangledNonLocal: Reference(_attention_forward(dnl_matrix), dnl_matrix, channel_matrix=_channels_of(dnl_matrix)),
+    PositionalAttention: Reference(_attention_forward(positional_matrix), positional_matrix,
+                                   channel_matrix=_channels_of(positional_matrix)),
+    RelativeBiasAttention: Reference(_attention_forward(relative_bias_matrix), relative_bias_matrix,
+                                     channel_matrix=_channels_of(relative_bias_matrix)),
+    LogitMixedAttention: Reference(_attention_forward(logit_mixed_matrix), logit_mixed_matrix,
+                                   channel_matrix=_channels_of(logit_mixed_matrix)),
+    HeadMixing: Reference(head_mixing_forward, head_mixing_matrix, head_mixing_bias, _channels_of(head_mixing_matrix)),
+})
 
 
 def reference_for(op: nn.Module) -> Reference:

@@ -19,12 +19,18 @@ from .axial import AxialAttention
 from .conv_attention import QuadraticEncodingAttention
 from .masked import MaskedAttention, SparsePattern
 from .stripes import CrossShapedWindowAttention, ShuffledWindowAttention
-from .dynamic_conv import DynamicConvAffinity, DynamicDepthwiseConv
 from .linformer import LinformerAttention
 from .performer import PerformerAttention
 from .reduction import SpatialReductionAttention
 from .pooling import PoolingAttention
 from .lambda_layer import LambdaLayer
+from .dynamic_conv import DynamicConvAffinity, DynamicDepthwiseConv
+from .additive import AdditiveAttention, SeparableSelfAttention
+from .outlook import OutlookAttention
+from .dnl import DisentangledNonLocal
+from .positional import PositionalAttention, gated_positional_attention
+from .rel_bias import RelativeBiasAttention
+from .head_mixing import HeadMixing, LogitMixedAttention
 
 __all__ = [
     "Affinity", "SelfAttentionAffinity", "DepthwiseConvAffinity", "GroupConvAffinity", "TokenMlpAffinity",
@@ -34,6 +40,8 @@ __all__ = [
     "AttentionAugmentedConv", "DepthwiseSelfAttention", "to_tokens", "from_tokens", "WindowAttention",
     "NeighbourhoodAttention", "AffinityChain", "AxialAttention", "QuadraticEncodingAttention", "MaskedAttention",
     "SparsePattern", "CrossShapedWindowAttention", "ShuffledWindowAttention",
-    "DynamicConvAffinity", "DynamicDepthwiseConv",
     "LinformerAttention", "PerformerAttention", "SpatialReductionAttention", "PoolingAttention", "LambdaLayer",
+    "DynamicConvAffinity", "DynamicDepthwiseConv",
+    "AdditiveAttention", "SeparableSelfAttention", "OutlookAttention", "DisentangledNonLocal", "PositionalAttention",
+    "gated_positional_attention", "RelativeBiasAttention", "HeadMixing", "LogitMixedAttention",
 ]

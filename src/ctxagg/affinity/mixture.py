@@ -11,7 +11,7 @@ from .base import Affinity
 
 __all__ = ["AffinityMixture", "expand_heads", "GATES"]
 
-GATES = ("convex", "free")
+GATES = ("convex", "free", "per_head")
 
 
 def expand_heads(a: Tensor, heads: int) -> Tensor:
@@ -29,6 +29,8 @@ class AffinityMixture(Affinity):
     learnable scalars (initialised to 0.5 each so both gates start as the same function).
     :meth:`matrix` is α·A_dyn + β·A_static at the finest common head grouping (e.g. 16 attention
     heads and 512 depthwise channels meet at 512 heads, Container §3.3).
+    ``gate="per_head"`` is the convex gate with one logit per head of that grouping, α_h = sigmoid(w_h),
+    β_h = 1 − α_h (ConViT's gated positional self-attention, with λ_h = −w_h; the registry's ``gpsa``).
     """
 
     def __init__(self, dynamic_affinity: Affinity, static_affinity: Affinity, gate: str = "convex"):
@@ -50,8 +52,8 @@ class AffinityMixture(Affinity):
         self.kernels_from_values = getattr(dynamic_affinity, "kernels_from_values", False)
         self.needs_grid = dynamic_affinity.needs_grid or static_affinity.needs_grid
         self.fixed_tokens = static_affinity.fixed_tokens or dynamic_affinity.fixed_tokens
-        if gate == "convex":
-            self.gate_logit = nn.Parameter(torch.zeros(1))
+        if gate in ("convex", "per_head"):
+            self.gate_logit = nn.Parameter(torch.zeros(1 if gate == "convex" else self.heads))
         else:
             self.alpha = nn.Parameter(torch.full((1,), 0.5))
             self.beta = nn.Parameter(torch.full((1,), 0.5))
@@ -60,26 +62,34 @@ class AffinityMixture(Affinity):
         return f"gate={self.gate}"
 
     def weights(self) -> tuple[Tensor, Tensor]:
-        """(α, β) as 1-element tensors."""
-        if self.gate == "convex":
+        """(α, β) as 1-element tensors, or one entry per head under ``per_head``."""
+        if self.gate != "free":
             alpha = torch.sigmoid(self.gate_logit)
             return alpha, 1 - alpha
         return self.alpha, self.beta
 
     def forward(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
-        alpha, beta = self.weights()
+        alpha, beta = (self._per_channel(w, v.ndim) for w in self.weights())
         return alpha * self.dynamic_affinity(v, q, k) + beta * self.static_affinity(v)
+
+    def _per_channel(self, w: Tensor, ndim: int) -> Tensor:
+        """A gate of one entry (as is) or one per head (repeated over each head's channels), shaped to scale a
+        (B, C, H, W) result (``ndim`` 4) or a (B, N, C) one / a (C,) bias."""
+        if self.gate != "per_head":
+            return w
+        w = w.repeat_interleave(self.dim // w.numel())
+        return w.view(-1, 1, 1) if ndim == 4 else w
 
     def matrix(self, v_shape: Sequence[int], q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
         alpha, beta = self.weights()
         a_dyn = expand_heads(self.dynamic_affinity.matrix(v_shape, q, k), self.heads)
         a_static = expand_heads(self.static_affinity.matrix(v_shape), self.heads)
-        return alpha * a_dyn + beta * a_static
+        return alpha.view(-1, 1, 1) * a_dyn + beta.view(-1, 1, 1) * a_static
 
     def bias_term(self) -> Optional[Tensor]:
         alpha, beta = self.weights()
         parts = ((alpha, self.dynamic_affinity.bias_term()), (beta, self.static_affinity.bias_term()))
-        terms = [w * b for w, b in parts if b is not None]
+        terms = [self._per_channel(w, 1) * b for w, b in parts if b is not None]
         return sum(terms) if terms else None
 
     @torch.no_grad()
@@ -87,7 +97,7 @@ class AffinityMixture(Affinity):
         """Remove the parts' constant offsets, each weighted by its gate at the current (frozen) α, β."""
         alpha, beta = self.weights()
         parts = ((alpha, self.dynamic_affinity.pop_bias()), (beta, self.static_affinity.pop_bias()))
-        terms = [w * b for w, b in parts if b is not None]
+        terms = [self._per_channel(w, 1) * b for w, b in parts if b is not None]
         return sum(terms) if terms else None
 
     def macs(self, tokens: int) -> int:

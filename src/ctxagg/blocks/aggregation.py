@@ -8,6 +8,7 @@ from timm.layers import ConvMlp, DropPath, Mlp
 from torch import Tensor, nn
 
 from ..affinity import Affinity
+from ..layers.conv_proj import input_projection
 from ..layers.fold import fold_bn_into_next_conv
 from ..layers.pos_embed import ConvPosEnc
 
@@ -20,11 +21,14 @@ class AggregationBlock(nn.Module):
     As in the official Container code: a 3×3 depthwise positional conv with its own residual (``pos_kernel=0``:
     none), a BatchNorm before the spatial aggregation and before the 2-layer 1×1-conv MLP, a 1×1 ``proj_in``
     producing V (and Q, K in that channel order when the affinity is dynamic) and a 1×1 ``proj_out``.
+    ``proj="conv<k>"`` replaces the 1×1 ``proj_in`` by CvT's convolutional projection (depth-wise k×k conv,
+    BatchNorm, point-wise conv per output; :class:`~ctxagg.layers.conv_proj.ConvProjection`), for any affinity.
     """
 
     def __init__(self, dim: int, affinity: Affinity, mlp_ratio: float = 4.0, pos_kernel: int = 3,
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-                 act_layer: Callable[..., nn.Module] = nn.GELU, drop: float = 0.0, drop_path: float = 0.0):
+                 act_layer: Callable[..., nn.Module] = nn.GELU, drop: float = 0.0, drop_path: float = 0.0,
+                 proj: str = "linear"):
         super().__init__()
         self.pos_embed = ConvPosEnc(dim, pos_kernel) if pos_kernel else nn.Identity()  # x + dw(x)
         self.norm1 = norm_layer(dim)
@@ -34,7 +38,7 @@ class AggregationBlock(nn.Module):
         self.uses_value = getattr(affinity, "uses_value", True)
         self.kernels_from_values = getattr(affinity, "kernels_from_values", False)
         projected = (3 if self.uses_value else 2) if affinity.dynamic and not self.kernels_from_values else 1
-        self.proj_in = nn.Conv2d(dim, dim * projected, 1)
+        self.proj_in = input_projection(proj, dim, projected)
         self.affinity = affinity
         self.proj_out = nn.Conv2d(dim, dim, 1)
         self.proj_drop = nn.Dropout(drop)
@@ -69,9 +73,11 @@ class AggregationBlock(nn.Module):
         BatchNorms into the 1×1 ``proj_in`` and MLP ``fc1`` that follow them, and the constant offset the
         affinity pops (:meth:`~ctxagg.affinity.Affinity.pop_bias`, e.g. a depthwise bias times β) into
         ``proj_out``. The positional conv folds its own residual (:class:`~ctxagg.layers.ConvPosEnc`)."""
-        if isinstance(self.norm1, nn.BatchNorm2d):
-            fold_bn_into_next_conv(self.norm1, self.proj_in)
+        if isinstance(self.norm1, nn.BatchNorm2d) and isinstance(self.proj_in, nn.Conv2d):  # not exact into a
+            fold_bn_into_next_conv(self.norm1, self.proj_in)  # zero-padded k×k conv: then norm1 stays
             self.norm1 = nn.Identity()
+        if hasattr(self.proj_in, "reparameterize"):
+            self.proj_in.reparameterize()
         if isinstance(self.norm2, nn.BatchNorm2d):
             fold_bn_into_next_conv(self.norm2, self.mlp.fc1)
             self.norm2 = nn.Identity()

@@ -66,6 +66,8 @@ class ContainerNet(StagedBackbone):
         head_dim: channels per head C/M (Container Table 2 uses 32 for attention and multi-head mixers).
         img_size: only used by fixed-size affinities (token MLPs), which are built for its grid.
         mlp_rank: rank of low-rank token MLPs, as a fraction of N (float) or an absolute rank (int).
+        proj: every block's input projection, ``"linear"`` (1×1) or ``"conv<k>"`` (CvT's depth-wise convolutional
+            projection, :class:`~ctxagg.layers.conv_proj.ConvProjection`).
     """
 
     def __init__(self, mixers: Sequence[str | Sequence[str]] = ("dw5", "dw5", "dw5", "mix(sa,dw5)"),
@@ -75,7 +77,8 @@ class ContainerNet(StagedBackbone):
                  global_pool: str = "avg", drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn_norm: str = "softmax",
                  gate: str = "convex", mlp_rank: float | int = 0.25, pos_kernel: int = 3,
-                 mlp_rank_stages: Optional[Sequence[bool]] = None, model_name: str = "container_light", **kwargs):
+                 mlp_rank_stages: Optional[Sequence[bool]] = None, model_name: str = "container_light",
+                 proj: str = "linear", **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"unexpected arguments for {model_name}: {sorted(kwargs)}")
@@ -85,7 +88,7 @@ class ContainerNet(StagedBackbone):
         self.mixers = tuple(m if isinstance(m, str) else tuple(m) for m in mixers)
         img_size = to_2tuple(img_size)
         dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-        block_args = dict(pos_kernel=pos_kernel, drop=proj_drop_rate)
+        block_args = dict(pos_kernel=pos_kernel, drop=proj_drop_rate, proj=proj)
         affinity_args = dict(attn_norm=attn_norm, attn_drop=attn_drop_rate, gate=gate)
         self.stem = ConvDownsample(in_chans, dims[0], patch_sizes[0])
         stages, self.feature_info, stride = [], [], 1
