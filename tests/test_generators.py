@@ -492,3 +492,17 @@ def test_container_takes_the_projection_by_name_and_refuses_unknown_ones():
     for bad in ("conv4", "dwconv3", "Linear"):
         with pytest.raises(ValueError, match="proj must be 'linear' or 'conv<k>'"):
             AggregationBlock(DIM, build_affinity("sa", dim=DIM, heads=HEADS), proj=bad)
+
+
+def test_macs_state_the_cost_classes():
+    """macs(N) as documented: linear in N for the global-vector and local operators, N·(H+W) for the separable
+    positional attention, N² for DNL; head mixing M times its part plus the mix."""
+    n = 16  # a 4×4 grid
+    assert _build("additive").macs(n) == 6 * n * DIM
+    assert _build("separable").macs(n) == 3 * n * DIM
+    assert _build("outlook").macs(n) == n * 81 * (DIM * HEADS + DIM)
+    assert _build("dnl").macs(n) == 2 * n * n * DIM + 2 * n * DIM
+    assert _build("pos_attn").macs(n) == 2 * n * 4 * DIM
+    window = build_affinity("window3", dim=DIM, heads=HEADS)
+    assert _build("heads_mixed(window3)").macs(n) == HEADS * window.macs(n) + n * DIM * HEADS
+    assert _build("heads_mixed(sa)").macs(n) == 2 * n * n * DIM + n * n * HEADS ** 2
