@@ -78,3 +78,13 @@ def test_vary_makes_one_variant_per_value_of_one_model_argument():
     assert _vary("depth=2,4") == ("depth", [2, 4])
     with pytest.raises(ConfigError, match="KEY=VALUE1,VALUE2"):
         _vary("attn_norm")
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_runs_as_one_after_another(tmp_path):
+    base = TrainConfig(model="container_hdeit_s", data="digits", img_size=32, batch_size=16, epochs=1, fraction=0.1,
+                       max_steps=2, recipe="light", model_kwargs=dict(TINY))
+    variants = mixer_variants("container_hdeit_s", ["dw3"])
+    one = compare(variants, base, [0.1], str(tmp_path / "one"), progress=False, seeds=[1, 2])
+    two = compare(variants, base, [0.1], str(tmp_path / "two"), progress=False, seeds=[1, 2], jobs=2)
+    assert [r["curve"] for r in one["runs"]] == [r["curve"] for r in two["runs"]]

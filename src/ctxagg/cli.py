@@ -391,7 +391,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.match_params is not None:
         variants = match_parameters(variants, base.img_size, args.match_params)
     result = compare(variants, base, _csv(args.fractions, float), args.output, overwrite=args.overwrite,
-                     seeds=_csv(args.seeds, int) if args.seeds else None, cost_img_size=args.cost_img_size)
+                     seeds=_csv(args.seeds, int) if args.seeds else None, cost_img_size=args.cost_img_size,
+                     jobs=args.jobs)
     print(f"table: {result['output']}/compare.md  plot: {result['output']}/compare.png")
     return 0
 
@@ -413,6 +414,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--match-params", type=float, metavar="TOL",
                    help="scale each variant's channel-MLP widths so its backbone parameters match the first "
                         "variant's within TOL (e.g. 0.05)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes (CPU threads "
+                                                        "are shared out; results do not depend on it)")
     p.add_argument("--cost-img-size", type=int, metavar="SIZE",
                    help="also measure params, GMACs, img/s and peak memory of every variant at SIZE² (e.g. 224)")
     _add_train_options(p, skip=("model", "fraction"))

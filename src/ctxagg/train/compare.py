@@ -131,18 +131,22 @@ def _run(v: Variant, base: TrainConfig, fraction: float, seed: int, out: Path, p
 
 def compare(models: Sequence[str | Variant], base: TrainConfig, fractions: Sequence[float],
             output: Optional[str] = None, progress: bool = True, overwrite: bool = False,
-            seeds: Optional[Sequence[int]] = None, cost_img_size: Optional[int] = None) -> dict[str, Any]:
+            seeds: Optional[Sequence[int]] = None, cost_img_size: Optional[int] = None,
+            jobs: int = 1) -> dict[str, Any]:
     """Train every variant on every fraction with every seed (the data subset and the initialisation follow the
     seed) and tabulate best val top-1 as mean ± std over seeds.
 
     ``models``: registered names or :class:`Variant` rows. ``seeds`` None: the base config's seed only.
     ``cost_img_size``: also measure each variant's parameters, GMACs, inference throughput and peak memory at
-    that size (batch 8, fp32, eager). ``output`` None: a new ``runs/compare-<YYYYmmdd-HHMMSS>``; an explicit
+    that size (batch 8, fp32, eager). ``jobs`` > 1: that many runs at once in worker processes, each with its
+    share of the CPU threads (results do not depend on it: every run is seeded on its own). ``output`` None: a new ``runs/compare-<YYYYmmdd-HHMMSS>``; an explicit
     folder holding results is refused unless ``overwrite``. Each run goes to ``<output>/<label>-f<F>-s<S>``."""
     variants = [m if isinstance(m, Variant) else Variant(m, m) for m in models]
     seeds = list(seeds) if seeds else [base.seed]
     out = output_dir(output, "compare", overwrite=overwrite, outputs=COMPARE_OUTPUTS)
-    runs = [_run(v, base, f, s, out, progress, overwrite) for v in variants for f in fractions for s in seeds]
+    jobs_args = [(v, base, f, s, out, progress and jobs == 1, overwrite) for v in variants for f in fractions
+                 for s in seeds]
+    runs = _run_all(jobs_args, jobs)
     params = {v.label: backbone_params(v.model, base.img_size, **{**base.model_kwargs, **v.kwargs})
               for v in variants}
     costs = {v.label: variant_cost(v, cost_img_size) for v in variants} if cost_img_size else {}
@@ -155,6 +159,23 @@ def compare(models: Sequence[str | Variant], base: TrainConfig, fractions: Seque
     plot_compare(runs, variants, fractions, costs, out / "compare.png")
     print(table)
     return dict(runs=runs, table=table, output=str(out), backbone_params=params, cost=costs)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_all(jobs_args: list[tuple], jobs: int) -> list[dict[str, Any]]:
+    """Every run, in order; ``jobs`` > 1 spreads them over spawned worker processes."""
+    if jobs <= 1:
+        return [_run(*a) for a in jobs_args]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        return list(pool.map(_run, *zip(*jobs_args)))
 
 
 def variant_cost(v: Variant, img_size: int, batch_size: int = 8) -> dict[str, float]:
