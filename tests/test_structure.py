@@ -17,8 +17,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "ctxagg"
 MAX_FUNCTION_LINES = 60
 # the layer of each top-level part of the package; a module may import its own layer and the ones below
-LAYERS = {"errors": 0, "checks": 0, "runs": 0, "flags": 0, "affinity": 1, "layers": 2, "blocks": 3, "models": 4,
-          "train": 5, "bench": 5, "analysis": 5, "export": 5, "dense": 6, "ssl": 6, "cli": 7, "__main__": 8}
+LAYERS = {"errors": 0, "tracing": 0, "checks": 0, "runs": 0, "flags": 0, "affinity": 1, "layers": 2, "blocks": 3,
+          "models": 4, "train": 5, "bench": 5, "analysis": 5, "export": 5, "dense": 6, "ssl": 6, "cli": 7, "__main__": 8}
 
 
 def _modules() -> dict[str, Path]:

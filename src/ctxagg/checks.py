@@ -12,13 +12,16 @@ What a model accepts is read from the model (:func:`input_spec`): ``model_name``
 ``pretrained_cfg`` architecture), the first conv's ``in_channels``, ``fixed_img_size`` (or a strict timm
 ``patch_embed.img_size``). The hook checks calls of ``model(x)``; methods called directly
 (``forward_features``) are not hooked. The finite check reads the whole batch (a device sync on GPU), so it
-is off by default.
+is off by default. While torch.fx traces a model the input is a ``Proxy`` (no values, no shape): the checks
+skip it (:func:`ctxagg.tracing.is_symbolic`), and the traced graph runs without them, as timm's traced models do.
 
-Layer: this module imports only torch, so every layer (affinity/ ... cli.py) may use it and it never
+Layer: this module imports only torch (and :mod:`ctxagg.tracing`), so every layer (affinity/ ... cli.py) may use it and it never
 imports the package (no cycle through models/).
 """
 from __future__ import annotations
 
+import copy
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -26,8 +29,11 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .tracing import is_symbolic
+
 __all__ = ["InputError", "InputTypeError", "NonFiniteInputError", "InputSpec", "check_images", "input_spec",
-           "add_input_checks", "enable_input_checks", "finite_checks_enabled"]
+           "add_input_checks", "enable_input_checks", "finite_checks_enabled", "fixed_input_size",
+           "state_fixed_input_size"]
 
 
 class InputError(ValueError):
@@ -139,6 +145,16 @@ def fixed_input_size(model: nn.Module) -> Optional[tuple[int, int]]:
     return tuple(fixed) if fixed is not None else None
 
 
+def state_fixed_input_size(model: nn.Module) -> nn.Module:
+    """Set ``model.pretrained_cfg["fixed_input_size"]`` when the built model takes one size only
+    (:func:`fixed_input_size`), so a model built with other arguments than its registered default (a strict ViT,
+    a token-MLP mixer) says so where timm's tools and test suite read it. Returns ``model``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and fixed_input_size(model) is not None:
+        cfg["fixed_input_size"] = True
+    return model
+
+
 class _InputCheckHook:
     """A forward-pre-hook running :func:`check_images` on the first tensor argument."""
 
@@ -147,6 +163,8 @@ class _InputCheckHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         x = args[0] if args else kwargs.get("x", next(iter(kwargs.values()), None))
+        if is_symbolic(x):
+            return None
         check_images(x, self.spec.name, self.spec.in_chans, fixed_input_size(module), self.finite)
         return None
 
@@ -168,6 +186,20 @@ class InputChecks:
         for key in [k for k, h in hooks.items() if h is self._hook]:
             del hooks[key]
             self.model._forward_pre_hooks_with_kwargs.pop(key, None)
+        self.model.__dict__.pop("__prepare_scriptable__", None)
+
+
+def _without_input_checks(model: nn.Module) -> nn.Module:
+    """What ``torch.jit.script`` compiles of a checked model (its ``__prepare_scriptable__``): a shallow copy (same
+    parameters and submodules) without the check hook, which is Python TorchScript cannot compile. The scripted
+    model runs unchecked; ``model`` keeps its checks."""
+    clone = copy.copy(model)
+    clone.__dict__.pop("__prepare_scriptable__", None)
+    clone._forward_pre_hooks = type(model._forward_pre_hooks)(
+        (k, h) for k, h in model._forward_pre_hooks.items() if not isinstance(h, _InputCheckHook))
+    clone._forward_pre_hooks_with_kwargs = {k: v for k, v in model._forward_pre_hooks_with_kwargs.items()
+                                            if k in clone._forward_pre_hooks}
+    return clone
 
 
 def add_input_checks(model: nn.Module, finite: bool = False) -> InputChecks:
@@ -180,4 +212,5 @@ def add_input_checks(model: nn.Module, finite: bool = False) -> InputChecks:
         return InputChecks(model, finite, hook, previous, installed=False)
     hook = _InputCheckHook(input_spec(model), finite)
     model.register_forward_pre_hook(hook, with_kwargs=True)
+    model.__prepare_scriptable__ = functools.partial(_without_input_checks, model)  # torch.jit.script: no hook
     return InputChecks(model, finite, hook, False, installed=True)

@@ -6,7 +6,7 @@ not one of these and keeps its traceback.
 """
 from __future__ import annotations
 
-__all__ = ["CtxaggError", "ConfigError", "RunExistsError"]
+__all__ = ["CtxaggError", "ConfigError", "RunExistsError", "TorchScriptUnsupportedError"]
 
 
 class CtxaggError(Exception):
@@ -19,3 +19,8 @@ class ConfigError(CtxaggError, ValueError):
 
 class RunExistsError(CtxaggError, FileExistsError):
     """An output folder already holds what an earlier command wrote; nothing was changed."""
+
+
+class TorchScriptUnsupportedError(CtxaggError, RuntimeError):
+    """``torch.jit.script`` of a model holding a part that declares itself unscriptable; the message names the part
+    and why, and what to use instead (torch.export, ONNX, torch.compile)."""

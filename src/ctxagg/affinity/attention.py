@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..tracing import fx_leaf
 from .base import Affinity, merge_heads, split_heads
 from .registry import AffinityContext, register_affinity
 
@@ -40,6 +41,7 @@ def normalise_scores(scores: Tensor, normaliser: str) -> Tensor:
     raise ValueError(f"unknown attention normaliser {normaliser!r}; choose one of {ATTENTION_NORMS}")
 
 
+@fx_leaf  # branches on the stride
 def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 

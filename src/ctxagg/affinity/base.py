@@ -3,6 +3,10 @@
 An affinity maps values ``V`` to ``A·V`` where ``A`` is an N×N matrix per head.
 ``forward`` computes it the fast way; ``matrix`` returns ``A`` explicitly so
 that ``apply_matrix(matrix(), V) + bias == forward(V)`` can be checked.
+
+torch.fx: the layout helpers below branch on ``ndim``/shapes, so they are leaf functions (one graph node each,
+run on real tensors; :func:`ctxagg.tracing.fx_leaf`); checks skip symbolic (Proxy) inputs. Operators built on
+them trace through.
 """
 from __future__ import annotations
 
@@ -11,20 +15,26 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import TorchScriptUnsupportedError
+from ..tracing import fx_leaf, is_symbolic
+
 __all__ = ["Affinity", "split_heads", "merge_heads", "apply_matrix", "token_count", "to_tokens", "from_tokens",
            "check_fixed_tokens"]
 
 
+@fx_leaf
 def token_count(shape: Sequence[int]) -> int:
     """Number of tokens N of a (B, C, H, W) feature map or (B, N, C) token tensor shape."""
     return shape[2] * shape[3] if len(shape) == 4 else shape[1]
 
 
+@fx_leaf
 def to_tokens(x: Tensor) -> Tensor:
     """A (B, C, H, W) feature map or (B, N, C) tokens as (B, N, C) tokens (a view where possible)."""
     return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
 
 
+@fx_leaf
 def from_tokens(tokens: Tensor, like_shape: Sequence[int]) -> Tensor:
     """Inverse of :func:`to_tokens`: (B, N, C) back to the layout of ``like_shape`` ((B, C, H, W) or (B, N, C))."""
     if len(like_shape) == 4:
@@ -35,6 +45,8 @@ def from_tokens(tokens: Tensor, like_shape: Sequence[int]) -> Tensor:
 def check_fixed_tokens(op: "Affinity", v: Tensor, grid: Optional[Sequence[int]], advice: str) -> None:
     """Refuse values whose token count is not the ``op.fixed_tokens`` a fixed-size operator was built for, naming
     the size it was built for (``grid`` H×W when known) and what was given; ``advice`` says why and what to do."""
+    if is_symbolic(v):
+        return
     n = token_count(v.shape)
     if n != op.fixed_tokens:
         built = f"{grid[0]}×{grid[1]}" if grid else str(op.fixed_tokens)
@@ -43,6 +55,7 @@ def check_fixed_tokens(op: "Affinity", v: Tensor, grid: Optional[Sequence[int]],
                          + advice)
 
 
+@fx_leaf
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """(B, C, H, W) or (B, N, C) -> (B, M, N, C/M); channel c belongs to head c // (C/M).
 
@@ -55,6 +68,7 @@ def split_heads(x: Tensor, heads: int) -> Tensor:
     return x.reshape(b, n, heads, c // heads).transpose(1, 2)
 
 
+@fx_leaf
 def merge_heads(x: Tensor, like_shape: Sequence[int]) -> Tensor:
     """Inverse of :func:`split_heads`: (B, M, N, d) back to the layout of ``like_shape``
     (a 4-D result has channels_last strides when ``x`` is contiguous)."""
@@ -66,6 +80,7 @@ def merge_heads(x: Tensor, like_shape: Sequence[int]) -> Tensor:
     return tokens
 
 
+@fx_leaf
 def apply_matrix(a: Tensor, v: Tensor, out_shape: Optional[Sequence[int]] = None) -> Tensor:
     """Reference aggregation ``A·V`` with an explicit affinity ``a`` of shape (B or 1, M, N, N).
 
@@ -81,6 +96,18 @@ def apply_matrix(a: Tensor, v: Tensor, out_shape: Optional[Sequence[int]] = None
     raise ValueError(f"affinity of shape {tuple(a.shape)} does not fit values of shape {tuple(v.shape)}")
 
 
+@fx_leaf
+def _add_channel_bias(x: Tensor, bias: Tensor) -> Tensor:
+    """``x`` plus a per-channel (C,) offset, in either layout."""
+    return x + (bias.view(1, -1, 1, 1) if x.ndim == 4 else bias)
+
+
+TORCHSCRIPT_REASON = (
+    "ctxagg operators are not TorchScript-compatible (TorchScript is deprecated upstream): they take (B, C, H, W) "
+    "or (B, N, C) values and optional q, k and bias inputs, Python that torch.jit.script cannot compile. Use "
+    "torch.export or ONNX (`ctxagg export`), torch.compile, or torch.jit.trace")
+
+
 class Affinity(nn.Module):
     """Base class of an affinity operator ``V -> A·V (+ bias)`` (Container §3.1, Eq. 3).
 
@@ -89,10 +116,13 @@ class Affinity(nn.Module):
         heads: M; channel ``c`` belongs to head ``c // (C // M)``.
         fixed_tokens: the token count N an operator was built for, or None if any N works.
         needs_grid: whether the operator needs a 2-D (B, C, H, W) layout (convolutions).
+        torchscript_unsupported: why ``torch.jit.script`` cannot compile the operator (None for one that can);
+            scripting a model that holds it raises :class:`~ctxagg.errors.TorchScriptUnsupportedError` with it.
     """
 
     dynamic: bool = False
     needs_grid: bool = False
+    torchscript_unsupported: Optional[str] = TORCHSCRIPT_REASON
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -101,6 +131,12 @@ class Affinity(nn.Module):
         self.dim = dim
         self.heads = heads
         self.fixed_tokens: Optional[int] = None
+
+    def __prepare_scriptable__(self) -> "Affinity":
+        """``torch.jit.script`` calls this on every submodule first: refuse with the reason, not a compiler error."""
+        if self.torchscript_unsupported:
+            raise TorchScriptUnsupportedError(f"{type(self).__name__}: {self.torchscript_unsupported}")
+        return self
 
     @property
     def head_dim(self) -> int:
@@ -133,7 +169,10 @@ class Affinity(nn.Module):
         return tuple(v_shape)
 
     def check_input(self, v: Tensor) -> None:
-        """Raise a clear error for layouts or sizes this operator cannot take."""
+        """Raise a clear error for layouts or sizes this operator cannot take (nothing to check while torch.fx
+        traces: a Proxy has no shape)."""
+        if is_symbolic(v):
+            return
         if v.ndim not in (3, 4):
             raise ValueError(f"{type(self).__name__} expects (B, C, H, W) or (B, N, C), got {tuple(v.shape)}")
         if self.needs_grid and v.ndim != 4:
@@ -147,9 +186,7 @@ class Affinity(nn.Module):
 
     @staticmethod
     def add_bias(x: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if bias is None:
-            return x
-        return x + (bias.view(1, -1, 1, 1) if x.ndim == 4 else bias)
+        return x if bias is None else _add_channel_bias(x, bias)
 
     def reference(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> Tensor:
         """``A·V + bias`` computed through the explicit matrix: slow, for tests and analysis."""

@@ -80,7 +80,7 @@ class DepthwiseSelfAttention(Affinity):
             nb = attn_bias.shape[-1]
             p = self._rel_bias(attn_bias, select, n).to(kt.dtype)
             rel = merge_heads(p @ split_heads(kt[:, n - nb:], self.pos_heads), (0, nb, 0))
-            out = torch.cat([out[:, :n - nb], out[:, n - nb:] + rel], 1) if nb < n else out + rel
+            out = out + F.pad(rel, (0, 0, n - nb, 0))  # class tokens first: zero term (no branch for torch.fx)
         return from_tokens(out, v.shape)
 
     def matrix(self, v_shape: Sequence[int], q: Optional[Tensor] = None, k: Optional[Tensor] = None,

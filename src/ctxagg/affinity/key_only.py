@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..tracing import is_symbolic
 from .base import Affinity, from_tokens, split_heads, to_tokens
 from .registry import AffinityContext, register_affinity
 
@@ -66,6 +67,8 @@ class KeyOnlyAttention(Affinity):
             raise ValueError("KeyOnlyAttention needs the gate (the paper's V); pass gate= shaped like the keys")
         self.check_input(aggregated)
         saliency_input = aggregated if saliency_input is None else saliency_input
+        if is_symbolic(aggregated):  # torch.fx: no shapes to compare
+            return saliency_input
         if gate.shape != aggregated.shape or saliency_input.shape != aggregated.shape:
             raise ValueError(f"gate and saliency_input must be shaped like the aggregated keys "
                              f"{tuple(aggregated.shape)}, got {tuple(gate.shape)}, {tuple(saliency_input.shape)}")

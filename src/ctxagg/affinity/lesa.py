@@ -155,7 +155,8 @@ class RelativeSelfAttention2d(Affinity):
         else:  # BN in eval is x·g + const per (term, head); the constants cancel in the softmax
             gain = (norm.weight / (norm.running_var + norm.eps).sqrt()).view(self.terms, self.heads)
         gain = gain.view(self.terms, 1, self.heads, 1, 1)
-        bias = sum(g * t for g, t in zip(gain[1:], self._relative_terms(qh, kh, height, width)))
+        terms = self._relative_terms(qh, kh, height, width)  # indexed, not zipped: gain may be an fx Proxy
+        bias = sum(gain[i + 1] * t for i, t in enumerate(terms))
         out = F.scaled_dot_product_attention(qh * gain[0], kh, vh, attn_mask=bias, scale=1.0)
         return merge_heads(out, v.shape)
 

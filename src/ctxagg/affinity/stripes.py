@@ -10,17 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..tracing import fx_leaf, is_symbolic
 from .base import Affinity, split_heads
 from .registry import AffinityContext, register_affinity
 
 __all__ = ["CrossShapedWindowAttention", "ShuffledWindowAttention"]
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, key_ok: Optional[Tensor]) -> Tensor:
-    """SDPA over the last two dims, with ``key_ok`` (keys,) masking padded keys out (no weight)."""
-    mask = None if key_ok is None else torch.zeros(key_ok.shape, dtype=q.dtype, device=q.device).masked_fill(
-        ~key_ok, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+@fx_leaf  # branches on the grid size (torch.fx: one graph node)
+def stripe_padding_mask(rows: int, length: int, stripe: int, like: Tensor) -> Optional[Tensor]:
+    """Additive (stripes, 1, stripe·L) mask, −∞ on the keys that pad ``rows`` up to a multiple of ``stripe``
+    (dtype and device of ``like``), or None when nothing is padded."""
+    padded = -(-rows // stripe) * stripe
+    if padded == rows:
+        return None
+    row = torch.arange(padded, device=like.device).reshape(-1, stripe).repeat_interleave(length, 1)
+    key_ok = (row < rows)[:, None, :]  # every stripe keeps at least one real row: no all-masked query row
+    return torch.zeros(key_ok.shape, dtype=like.dtype, device=like.device).masked_fill(~key_ok, float("-inf"))
 
 
 class CrossShapedWindowAttention(Affinity):
@@ -55,7 +61,7 @@ class CrossShapedWindowAttention(Affinity):
         if vertical:
             half = half.transpose(2, 3)
         rows, length = half.shape[2], half.shape[3]
-        padded = math.ceil(rows / self.stripe) * self.stripe
+        padded = -(-rows // self.stripe) * self.stripe  # ceil, as integer ops (torch.fx traces them)
         half = F.pad(half, (0, 0, 0, padded - rows)).reshape(b, self.heads // 2, self.head_dim, padded, length)
         half = half.reshape(b, self.heads // 2, self.head_dim, padded // self.stripe, self.stripe * length)
         return half.permute(0, 1, 3, 4, 2)
@@ -74,12 +80,9 @@ class CrossShapedWindowAttention(Affinity):
         outs = []
         for vertical in (False, True):
             rows, length = (w, h) if vertical else (h, w)
-            padded = math.ceil(rows / self.stripe) * self.stripe
-            key_ok = None
-            if padded != rows:  # every stripe keeps at least one real row: no all-masked query row
-                row = torch.arange(padded, device=v.device).reshape(-1, self.stripe).repeat_interleave(length, 1)
-                key_ok = (row < rows)[:, None, :]  # (stripes, 1, stripe·L): which keys of each stripe are real
-            out = _attend(*(self._half(t, vertical) for t in (q, k, v)), self.scale, key_ok)
+            mask = stripe_padding_mask(rows, length, self.stripe, v)
+            out = F.scaled_dot_product_attention(*(self._half(t, vertical) for t in (q, k, v)), attn_mask=mask,
+                                                 scale=self.scale)
             outs.append(self._unhalf(out, h, w, vertical))
         return torch.cat(outs, 1)
 
@@ -123,6 +126,8 @@ class ShuffledWindowAttention(Affinity):
         return f"dim={self.dim}, heads={self.heads}, window={self.window}"
 
     def _check_size(self, h: int, w: int) -> None:
+        if is_symbolic(h):  # torch.fx: no size to check
+            return
         if h % self.window or w % self.window:
             raise ValueError(f"{type(self).__name__} shuffles a grid whose sides are multiples of window="
                              f"{self.window}; got {h}×{w} (use an input size whose feature maps divide by it)")
@@ -141,7 +146,7 @@ class ShuffledWindowAttention(Affinity):
         self.check_input(v)
         b, c, h, w = v.shape
         self._check_size(h, w)
-        out = _attend(*(self._windows(t) for t in (q, k, v)), self.scale, None)
+        out = F.scaled_dot_product_attention(*(self._windows(t) for t in (q, k, v)), scale=self.scale)
         win = self.window
         out = out.reshape(b, self.heads, h // win, w // win, win, win, self.head_dim)  # (a, b, i, j)
         return out.permute(0, 1, 6, 4, 2, 5, 3).reshape(b, c, h, w)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..tracing import fx_leaf
 from .base import Affinity, split_heads
 from .registry import AffinityContext, register_affinity
 
@@ -22,6 +23,14 @@ def window_groups(size: int, window: int, shift: int) -> Tensor:
     original order that is a partition into [0, shift), [shift, shift + w), ... — a window grid offset by
     ``shift`` whose wrapped-around first piece is its own group (id −1)."""
     return torch.div(torch.arange(size) - shift, window, rounding_mode="floor")
+
+
+@fx_leaf  # shape arithmetic with branches (torch.fx: one graph node)
+def window_geometry(height: int, width: int, window: int, shift: int) -> tuple[int, int, int, int]:
+    """Padded size (hp, wp) of an H×W grid cut into ``window``-sized windows, and the per-axis shifts applied
+    (none along an axis that is a single window)."""
+    hp, wp = (math.ceil(s / window) * window for s in (height, width))
+    return hp, wp, shift if hp > window else 0, shift if wp > window else 0
 
 
 class WindowAttention(Affinity):
@@ -54,8 +63,7 @@ class WindowAttention(Affinity):
 
     def _geometry(self, height: int, width: int) -> tuple[int, int, int, int]:
         """Padded size (hp, wp) and the per-axis shifts actually applied."""
-        hp, wp = (math.ceil(s / self.window) * self.window for s in (height, width))
-        return hp, wp, self.shift if hp > self.window else 0, self.shift if wp > self.window else 0
+        return window_geometry(height, width, self.window, self.shift)
 
     def _rel_bias(self, dy: Tensor, dx: Tensor) -> Tensor:
         """Bias B[h] for query-minus-key offsets (dy, dx) (any shape) -> (heads, *shape)."""

@@ -5,7 +5,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConvPosEnc", "AbsolutePosEmbed"]
+from ..tracing import fx_leaf
+
+__all__ = ["ConvPosEnc", "AbsolutePosEmbed", "resize_pos_embed"]
+
+
+@fx_leaf  # branches on the input's size (torch.fx: one graph node)
+def resize_pos_embed(pos: Tensor, x: Tensor, mode: str = "bilinear", channels_last: bool = False) -> Tensor:
+    """A learned (1, C, h, w) position table (``channels_last``: (1, h, w, C)) resized to the grid of ``x``
+    (same layout), or the table itself where the grids agree."""
+    if channels_last:
+        return resize_pos_embed(pos.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), mode).permute(0, 2, 3, 1)
+    if pos.shape[-2:] == x.shape[-2:]:
+        return pos
+    return F.interpolate(pos, size=x.shape[-2:], mode=mode, align_corners=False)
 
 
 class ConvPosEnc(nn.Conv2d):
@@ -50,7 +63,4 @@ class AbsolutePosEmbed(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:
-        pos = self.pos_embed
-        if pos.shape[-2:] != x.shape[-2:]:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return x + pos
+        return x + resize_pos_embed(self.pos_embed, x)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
 from torch import Tensor, nn
 
+from ..tracing import fx_leaf
+
 __all__ = ["POS_EMBED_KINDS", "relative_position_index", "RelativePositionBias"]
 
 POS_EMBED_KINDS = ("abs", "rel")  # the two position embeddings the ViT/Swin rows swap (§4.2): absolute, relative
@@ -33,6 +35,14 @@ def relative_position_index(grid: Sequence[int], table_grid: Sequence[int],
     dy = rel[0].clamp(-(th - 1), th - 1) + th - 1
     dx = rel[1].clamp(-(tw - 1), tw - 1) + tw - 1
     return dy * (2 * tw - 1) + dx
+
+
+@fx_leaf  # compares the runtime grid with the built one (torch.fx: one graph node)
+def _grid_index(built_index: Tensor, grid: Sequence[int], table_grid: Sequence[int]) -> Tensor:
+    """The (N, N) table index of ``grid``: ``built_index`` when it is the table's grid, else computed."""
+    if tuple(grid) == tuple(table_grid):
+        return built_index
+    return relative_position_index(grid, table_grid, built_index.device)
 
 
 class RelativePositionBias(nn.Module):
@@ -68,6 +78,6 @@ class RelativePositionBias(nn.Module):
     def forward(self, grid: Optional[Sequence[int]] = None) -> Tensor:
         """(1, heads, N, N) bias for the tokens of ``grid`` (default: the grid it was built for)."""
         grid = self.grid if grid is None else tuple(grid)
-        index = self.index if grid == self.grid else relative_position_index(grid, self.grid, self.table.device)
+        index = _grid_index(self.index, grid, self.grid)
         n = grid[0] * grid[1]
         return self.table[index.reshape(-1)].reshape(n, n, self.heads).permute(2, 0, 1).unsqueeze(0)

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import timm
+import torch
+from torch import nn
 
 from ..errors import ConfigError
 
 from . import container, dwnet, lesa, linglos, swin, vit
 from .container import ContainerNet
 
-__all__ = ["ContainerNet", "container", "dwnet", "lesa", "linglos", "swin", "vit", "model_names", "paper_numbers", "resolve_model_name"]
+__all__ = ["ContainerNet", "container", "dwnet", "lesa", "linglos", "swin", "vit", "model_names", "paper_numbers",
+           "resolve_model_name", "torchscript_unsupported", "unscriptable_models"]
 
 _FAMILIES = (container, dwnet, lesa, linglos, swin, vit)
 
@@ -27,6 +30,28 @@ def model_names() -> list[str]:
         names += [n for n in timm.list_models(module=_family_key(family))
                   if timm.models.model_entrypoint(n).__module__ == family.__name__]
     return names
+
+
+def torchscript_unsupported(model: nn.Module) -> Optional[str]:
+    """Why ``torch.jit.script(model)`` is refused (the first part declaring ``torchscript_unsupported``), or None."""
+    for module in model.modules():
+        reason = getattr(module, "torchscript_unsupported", None)
+        if isinstance(reason, str) and reason:
+            return f"{type(module).__name__}: {reason}"
+    return None
+
+
+def unscriptable_models(names: Optional[Sequence[str]] = None) -> dict[str, str]:
+    """{name: reason} of the registered models (or ``names``) that TorchScript refuses, read from models built on the
+    meta device: ctxagg's counterpart of the name filters timm's own test suite excludes its unscriptable models
+    with (``EXCLUDE_JIT_FILTERS``)."""
+    out = {}
+    for name in model_names() if names is None else names:
+        with torch.device("meta"):
+            reason = torchscript_unsupported(timm.create_model(name))
+        if reason:
+            out[name] = reason
+    return out
 
 
 def paper_numbers() -> dict[str, dict[str, Any]]:

@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 from ..affinity import Affinity, AffinityMixture, SelfAttentionAffinity, TokenMlpAffinity, build_affinity
 from ..blocks import AggregationBlock, TokenAggregationBlock
+from ..checks import add_input_checks, state_fixed_input_size
 from ..layers import ConvDownsample
 from .staged import Stage, StagedBackbone, stage_info
+from .vit import NoMaskVisionTransformer
 
 __all__ = ["ContainerNet", "checkpoint_filter_fn", "to_official_state_dict", "PAPER_NUMBERS", "DEPRECATED_NAMES"]
 
@@ -196,9 +198,9 @@ def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
 
 
 def _create_container(variant: str, pretrained: bool = False, **kwargs) -> ContainerNet:
-    return build_model_with_cfg(
+    return state_fixed_input_size(build_model_with_cfg(
         ContainerNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), model_name=variant, **kwargs)
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), model_name=variant, **kwargs))
 
 
 @register_model
@@ -349,8 +351,10 @@ def container_pam(pretrained: bool = False, **kwargs) -> VisionTransformer:
     img_size, patch = to_2tuple(args["img_size"]), args["patch_size"]
     tokens = (img_size[0] // patch) * (img_size[1] // patch) + 1
     args["block_fn"] = partial(_pam_block, tokens=tokens, gate=args.pop("gate", "convex"))
-    return build_model_with_cfg(VisionTransformer, "container_pam", pretrained,
-                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **args)
+    model = build_model_with_cfg(NoMaskVisionTransformer, "container_pam", pretrained,
+                                 feature_cfg=dict(out_indices=3, feature_cls="getter"), **args)
+    add_input_checks(model)  # one forward-pre-hook, as every family
+    return state_fixed_input_size(model)
 
 
 register_model_deprecations(__name__, DEPRECATED_NAMES)

@@ -17,7 +17,7 @@ from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
 from ..affinity.lesa import AttentionAugmentedConv, LocallyEnhancedSelfAttention
-from ..checks import add_input_checks
+from ..checks import add_input_checks, state_fixed_input_size
 
 __all__ = ["MixerBottleneck", "LesaResNet", "PAPER_NUMBERS", "MIXERS", "small_input_kwargs"]
 
@@ -122,7 +122,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> LesaResNet
     """Build a LESA-ResNet row with timm's builder (pretrained cfg, features_only) and the input checks."""
     model = build_model_with_cfg(LesaResNet, variant, pretrained, **kwargs)
     add_input_checks(model)  # one forward-pre-hook, as every family
-    return model
+    return state_fixed_input_size(model)
 
 
 # Paper-silent: the WRN attention uses factorized (height + width) relative tables: Table 2's WRN counts

@@ -23,6 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from ..affinity.attention import SelfAttentionAffinity
+from ..checks import state_fixed_input_size
 from ..affinity.key_only import KeyOnlyAttention
 from ..layers import AbsolutePosEmbed, ConvDownsample
 from ..layers.rep_cpe import CPE_MODES, RepConditionalPosEnc
@@ -249,8 +250,9 @@ def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
 
 
 def _create_linglo(variant: str, pretrained: bool = False, **kwargs) -> LinGloNet:
-    return build_model_with_cfg(LinGloNet, variant, pretrained, model_name=variant,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs)
+    return state_fixed_input_size(build_model_with_cfg(
+        LinGloNet, variant, pretrained, model_name=variant,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs))
 
 
 # heads (1, 2, 5, 8) and FFN ratios (8, 8, 4, 4) are the LinGloNet defaults (§3.4).

@@ -33,6 +33,12 @@ def stage_info(index: int, dim: int, reduction: int) -> dict:
     return dict(num_chs=dim, reduction=reduction, module=f"stages.{index}")
 
 
+def _pool(pool_type: str) -> SelectAdaptivePool2d:
+    """timm's global pool, flattened to (B, C); ``""`` passes the (B, C, H, W) map through unflattened, so
+    ``reset_classifier(0, "")`` gives the unpooled features (as timm's models)."""
+    return SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+
+
 class Stage(nn.Module):
     """One resolution stage: a downsampling layer followed by a sequence of blocks."""
 
@@ -74,7 +80,7 @@ class StagedBackbone(nn.Module):
         self.num_features = self.head_hidden_size = num_features
         self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = _pool(global_pool)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -98,7 +104,7 @@ class StagedBackbone(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+            self.global_pool = _pool(global_pool)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -20,17 +20,19 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import Tensor, nn
 
 from ..affinity.attention import ATTENTION_NORMS, SelfAttentionAffinity
 from ..affinity.base import apply_matrix
 from ..affinity.dw_attention import DepthwiseSelfAttention
-from ..checks import add_input_checks
+from ..checks import add_input_checks, state_fixed_input_size
+from ..layers.pos_embed import resize_pos_embed
+from ..tracing import fx_leaf, is_symbolic
 from ..layers.pos_embed_rel import POS_EMBED_KINDS, RelativePositionBias
 
-__all__ = ["AffinitySwin", "WindowAffinityAttention", "AbsPosPatchEmbed", "PAPER_NUMBERS", "checkpoint_filter_fn",
-           "small_input_kwargs"]
+__all__ = ["AffinitySwin", "FxSwinBlock", "WindowAffinityAttention", "AbsPosPatchEmbed", "PAPER_NUMBERS",
+           "checkpoint_filter_fn", "small_input_kwargs"]
 
 # --- the published numbers: GFLOPs (fvcore MACs), parameters (M), activations (M) at 224² -----------------
 # ``unmatched``: measures no consistent construction reproduces, with what this implementation gives and ``note`` why.
@@ -64,6 +66,7 @@ PAPER_NUMBERS: dict[str, dict[str, Any]] = {
 }
 
 
+@fx_leaf  # sizes from the batch (torch.fx: one graph node)
 def _per_window(mask: Tensor, batch_windows: int) -> Tensor:
     """timm's (num_windows, N, N) window mask -> (B·num_windows, 1, N, N), windows ordered as partitioned."""
     nw, n, _ = mask.shape
@@ -138,11 +141,23 @@ class AbsPosPatchEmbed(PatchEmbed):
 
     def forward(self, x: Tensor) -> Tensor:
         x = super().forward(x)
-        pos = self.pos_embed
-        if tuple(x.shape[1:3]) != tuple(pos.shape[1:3]):
-            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
-                                align_corners=False).permute(0, 2, 3, 1)
-        return x + pos
+        return x + resize_pos_embed(self.pos_embed, x, mode="bicubic", channels_last=True)
+
+
+@fx_leaf  # timm builds the mask by item assignment, which a torch.fx Proxy cannot take: one graph node
+def _shift_mask(block: SwinTransformerBlock, x: Tensor) -> Optional[Tensor]:
+    return SwinTransformerBlock.get_attn_mask(block, x)
+
+
+class FxSwinBlock(SwinTransformerBlock):
+    """timm's ``SwinTransformerBlock`` whose per-input shift mask (``strict_img_size=False``) is built by a torch.fx
+    leaf when traced; otherwise unchanged (:class:`AffinitySwin` gives its blocks this class)."""
+
+    def get_attn_mask(self, x: Optional[Tensor] = None, device: Optional[torch.device] = None,
+                      dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+        if is_symbolic(x) and any(self.shift_size):  # unshifted blocks have no mask (None, known while tracing)
+            return _shift_mask(self, x)
+        return super().get_attn_mask(x, device, dtype)
 
 
 class AffinitySwin(SwinTransformer):
@@ -163,6 +178,7 @@ class AffinitySwin(SwinTransformer):
         self.attn_norm, self.depthwise, self.pos = attn_norm, depthwise, pos
         for stage in self.layers:
             for block in stage.blocks:
+                block.__class__ = FxSwinBlock  # no new state: a method override only
                 old = block.attn
                 block.attn = WindowAffinityAttention(
                     old.dim, old.num_heads, old.window_size, qkv_bias=old.qkv.bias is not None,
@@ -190,7 +206,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
-            "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head.fc",
             "license": "mit", **kwargs}
 
@@ -221,10 +237,11 @@ def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
 def _create_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> AffinitySwin:
     """Build a Swin row with timm's builder (pretrained cfg, features_only) and the package's input checks."""
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
+    kwargs.setdefault("strict_img_size", False)  # any input size (padded windows, masks per input), as timm allows
     model = build_model_with_cfg(AffinitySwin, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                  feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs)
     add_input_checks(model)  # one forward-pre-hook, as every family
-    return model
+    return state_fixed_input_size(model)
 
 # Swin-T/B (Liu et al.) at 224², window 7; stochastic depth 0.2 / 0.5 as Table 4.
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -38,11 +39,12 @@ from ..affinity.attention import ATTENTION_NORMS, SelfAttentionAffinity
 from ..affinity.base import Affinity, merge_heads, split_heads, token_count
 from ..affinity.dw_attention import DepthwiseSelfAttention
 from ..blocks.aggregation import TokenAggregationBlock
-from ..checks import add_input_checks
+from ..checks import add_input_checks, state_fixed_input_size
+from ..tracing import fx_leaf, is_symbolic
 from ..layers.pos_embed_rel import POS_EMBED_KINDS, RelativePositionBias
 
-__all__ = ["AffinityViT", "ViTBlock", "RelPosSelfAttention", "TokenGrid", "PAPER_NUMBERS", "checkpoint_filter_fn",
-           "small_input_kwargs"]
+__all__ = ["AffinityViT", "NoMaskVisionTransformer", "ViTBlock", "RelPosSelfAttention", "TokenGrid", "PAPER_NUMBERS",
+           "checkpoint_filter_fn", "small_input_kwargs"]
 
 # --- the published numbers: GFLOPs (fvcore MACs), parameters (M), activations (M) at 224² -----------------
 # ``unmatched``: measures no consistent construction reproduces, with what this implementation gives and ``note`` why.
@@ -73,6 +75,9 @@ PAPER_NUMBERS: dict[str, dict[str, Any]] = {
 }
 
 
+_resample_abs_pos_embed = fx_leaf(resample_abs_pos_embed)  # branches on the sizes: one torch.fx graph node
+
+
 class TokenGrid:
     """The (H, W) patch grid of the current forward pass, shared by a ViT and its blocks (the blocks see
     flattened tokens only; relative positions need the grid, which changes with ``dynamic_img_size``)."""
@@ -92,13 +97,13 @@ class RelPosSelfAttention(SelfAttentionAffinity):
 
     def _padded(self, attn_bias: Tensor, n: int) -> Tensor:
         pad = n - attn_bias.shape[-1]
-        return F.pad(attn_bias, (pad, 0, pad, 0)) if pad else attn_bias
+        return F.pad(attn_bias, (pad, 0, pad, 0))  # zero rows/columns for the class tokens (none: a copy)
 
     def forward(self, v: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
                 attn_bias: Optional[Tensor] = None) -> Tensor:
         if attn_bias is None:
             return super().forward(v, q, k)
-        if v.ndim != 3:
+        if not is_symbolic(v) and v.ndim != 3:
             raise ValueError("RelPosSelfAttention works on (B, N, C) tokens")
         n, nb = v.shape[1], attn_bias.shape[-1]
         if self.normaliser in ("none", "scale") and not (self.training and self.attn_drop > 0):
@@ -106,7 +111,7 @@ class RelPosSelfAttention(SelfAttentionAffinity):
             # the normaliser is linear here: norm(S + P) = norm(S) + norm(P), with norm(P) = P or P / N
             p = attn_bias / (n if self.normaliser == "scale" else 1)
             rel = merge_heads(p.to(v.dtype) @ split_heads(v[:, n - nb:], self.heads), (0, nb, 0))
-            return torch.cat([out[:, :n - nb], out[:, n - nb:] + rel], 1) if nb < n else out + rel
+            return out + F.pad(rel, (0, 0, n - nb, 0))  # class tokens first: zero term (no branch for torch.fx)
         return super().forward(v, q, k, attn_bias=self._padded(attn_bias, n).to(v.dtype))
 
     def matrix(self, v_shape: Sequence[int], q: Optional[Tensor] = None, k: Optional[Tensor] = None,
@@ -163,14 +168,44 @@ def _vit_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool 
                     norm_layer=norm_layer, act_layer=act_layer, drop=proj_drop, drop_path=drop_path)
 
 
-class AffinityViT(VisionTransformer):
+class NoMaskVisionTransformer(VisionTransformer):
+    """timm's ``VisionTransformer`` with ctxagg blocks, which take no attention mask: ``forward(x)`` and
+    ``forward_features(x)`` take the images only (timm's also take ``attn_mask``/``is_causal``, which torch.fx
+    would trace as extra graph inputs and pass to every block). With ``dynamic_img_size`` the position table is
+    resampled by a torch.fx leaf (timm's ``resample_abs_pos_embed`` branches on the sizes). Everything else is timm's.
+    """
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        if not self.dynamic_img_size or self.pos_embed is None:
+            return super()._pos_embed(x)
+        b, h, w, c = x.shape  # timm's dynamic branch, its resampling one graph node
+        prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        pos = _resample_abs_pos_embed(self.pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size,
+                                      num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
+        x = x.view(b, -1, c)
+        if self.no_embed_class:  # the table has no class-token rows: add, then prepend
+            return self.pos_drop(torch.cat(prefix + [x + pos], dim=1))
+        return self.pos_drop(torch.cat(prefix + [x], dim=1) + pos)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self.norm(checkpoint_seq(self.blocks, x))
+        return self.norm(self.blocks(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class AffinityViT(NoMaskVisionTransformer):
     """DeiT (patch 16, class token or global average pooling) whose blocks mix tokens with a ctxagg affinity:
     self-attention with the normaliser ``attn_norm`` (vit_as_dynamic_conv.txt §4.2) or, with
     ``depthwise=True``, depth-wise self-attention (§4.3, Eq. 5); ``pos`` is ``"abs"`` (learned absolute
     embedding, DeiT) or ``"rel"`` (per-block relative position bias, see the module docstring).
 
-    Built on timm's ``VisionTransformer``: ``dynamic_img_size=True`` resamples the absolute embedding and
-    re-indexes the relative bias for the input's grid; ``forward_intermediates``/``features_only`` as timm.
+    Built on timm's ``VisionTransformer``: ``dynamic_img_size=True`` (the registered rows' default) resamples the
+    absolute embedding and re-indexes the relative bias for the input's grid; ``forward_intermediates``/
+    ``features_only`` as timm.
     """
 
     def __init__(self, attn_norm: str = "softmax", depthwise: bool = False, pos: str = "abs", **kwargs: Any):
@@ -190,7 +225,7 @@ class AffinityViT(VisionTransformer):
 
     def _pos_embed(self, x: Tensor) -> Tensor:
         # record the grid for the blocks' relative bias: (B, H, W, C) with dynamic_img_size, else the built one
-        self.token_grid.size = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(self.patch_embed.grid_size)
+        self.token_grid.size = (x.shape[1], x.shape[2]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
         return super()._pos_embed(x)
 
     @torch.jit.ignore
@@ -231,10 +266,11 @@ def small_input_kwargs(model_name: str, img_size: int) -> dict[str, Any]:
 def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> AffinityViT:
     """Build a DeiT row with timm's builder (pretrained cfg, features_only) and the package's input checks."""
     out_indices = kwargs.pop("out_indices", 3)
+    kwargs.setdefault("dynamic_img_size", True)  # any input size (a detector's 800×1333), as timm allows
     model = build_model_with_cfg(AffinityViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                  feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
     add_input_checks(model)  # one forward-pre-hook, as every family
-    return model
+    return state_fixed_input_size(model)
 
 
 default_cfgs = generate_default_cfgs({
