@@ -18,7 +18,8 @@ __all__ = ["AffinityContext", "build_affinity", "register_affinity", "register_c
 class AffinityContext(dict):
     """What a builder may need: ``dim``, ``heads`` (M of dynamic/multi-head operators), ``grid`` (H, W)
     of the stage at the model's img_size (fixed-size operators), plus operator options
-    (``attn_norm``, ``attn_drop``, ``gate``, ``mlp_rank``)."""
+    (``attn_norm``, ``attn_drop``, ``gate``, ``switch`` (a learned on/off switch of each mixture's dynamic
+    path), ``mlp_rank``)."""
 
 
 Builder = Callable[[AffinityContext, Optional[int]], Affinity]
@@ -81,7 +82,7 @@ def build_affinity(spec: str, **ctx) -> Affinity:
     mix = _MIX.match(spec)
     if mix:
         return AffinityMixture(build_affinity(mix["dyn"], **context), build_affinity(mix["static"], **context),
-                               gate=context.get("gate", "convex"))
+                               gate=context.get("gate", "convex"), switch=context.get("switch", False))
     call = _CALL.match(spec)
     if call and call["name"] in _COMBINATORS:
         return _COMBINATORS[call["name"]](context, split_arguments(call["args"]))

@@ -7,8 +7,8 @@ import torch
 from timm.layers import ConvMlp, DropPath, Mlp
 from torch import Tensor, nn
 
-from ..affinity import Affinity
-from ..layers.conv_proj import input_projection
+from ..affinity import Affinity, AffinityMixture
+from ..layers.conv_proj import ConvProjection, input_projection
 from ..layers.fold import fold_bn_into_next_conv
 from ..layers.pos_embed import ConvPosEnc
 
@@ -67,12 +67,45 @@ class AggregationBlock(nn.Module):
         x = x + self.drop_path1(self.proj_drop(self.proj_out(self.affinity(v, q, k))))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
+    @property
+    def switch(self) -> Optional[nn.Module]:
+        """The learned on/off switch of the affinity's dynamic path (a switched mixture's), or None."""
+        return getattr(self.affinity, "switch", None) if isinstance(self.affinity, AffinityMixture) else None
+
+    def dynamic_macs(self, tokens: int) -> int:
+        """MACs per image that switching the dynamic path off removes at ``tokens`` tokens: building and applying
+        A_dyn plus the projections only the dynamic path needs (Q and K of ``proj_in``; V stays)."""
+        if not isinstance(self.affinity, AffinityMixture):
+            raise ValueError(f"{type(self.affinity).__name__} is not a mixture: it has no separate dynamic path")
+        outputs, per_output = _projection_outputs(self.proj_in, self.affinity.dim)
+        return self.affinity.dynamic_macs(tokens) + (outputs - 1) * per_output * tokens
+
+    @torch.no_grad()
+    def settle_switch(self) -> None:
+        """Make a learned switch permanent, exactly (same output in eval mode): an on switch folds into the
+        mixture's gate; an off one leaves a static-only block — the static affinity, the last output of ``proj_in``
+        (V, or K where the keys take the values' place) and β folded into ``proj_out`` — with no dynamic weights
+        and no dynamic compute left."""
+        if self.switch is None:
+            return
+        mixture = self.affinity
+        if mixture.dynamic_on():
+            mixture.fold_switch()
+            return
+        mixture.switch.eval()  # β' at the switch's evaluation value z = 0 (the mixture is dropped below)
+        beta = mixture.weights()[1]
+        self.proj_in = _last_output(self.proj_in, mixture.dim)
+        self.proj_out.weight.mul_(beta)
+        self.affinity, self.uses_value, self.kernels_from_values = mixture.static_affinity, True, False
+
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold for deployment (eval mode; found by ``timm.utils.reparameterize_model``), all exact: the
-        BatchNorms into the 1×1 ``proj_in`` and MLP ``fc1`` that follow them, and the constant offset the
-        affinity pops (:meth:`~ctxagg.affinity.Affinity.pop_bias`, e.g. a depthwise bias times β) into
-        ``proj_out``. The positional conv folds its own residual (:class:`~ctxagg.layers.ConvPosEnc`)."""
+        """Fold for deployment (eval mode; found by ``timm.utils.reparameterize_model``), all exact: a learned
+        switch (:meth:`settle_switch`), the BatchNorms into the 1×1 ``proj_in`` and MLP ``fc1`` that follow them,
+        and the constant offset the affinity pops (:meth:`~ctxagg.affinity.Affinity.pop_bias`, e.g. a depthwise
+        bias times β) into ``proj_out``. The positional conv folds its own residual
+        (:class:`~ctxagg.layers.ConvPosEnc`)."""
+        self.settle_switch()
         if isinstance(self.norm1, nn.BatchNorm2d) and isinstance(self.proj_in, nn.Conv2d):  # not exact into a
             fold_bn_into_next_conv(self.norm1, self.proj_in)  # zero-padded k×k conv: then norm1 stays
             self.norm1 = nn.Identity()
@@ -84,6 +117,25 @@ class AggregationBlock(nn.Module):
         bias = self.affinity.pop_bias()
         if bias is not None:
             self.proj_out.bias.add_(self.proj_out.weight[:, :, 0, 0] @ bias)
+
+
+def _projection_outputs(proj: nn.Module, dim: int) -> tuple[int, int]:
+    """(number of dim-channel outputs, MACs per token of one) of a block's input projection."""
+    if isinstance(proj, ConvProjection):
+        return len(proj.branches), proj.kernel_size ** 2 * dim + dim * dim
+    return proj.out_channels // dim, proj.in_channels * dim
+
+
+def _last_output(proj: nn.Module, dim: int) -> nn.Module:
+    """The input projection reduced to its last output (q, k, v order: the values), with the same weights."""
+    if isinstance(proj, ConvProjection):
+        proj.branches = proj.branches[-1:]
+        return proj
+    out = nn.Conv2d(dim, dim, 1, bias=proj.bias is not None).to(proj.weight)
+    out.weight.copy_(proj.weight[-dim:])
+    if proj.bias is not None:
+        out.bias.copy_(proj.bias[-dim:])
+    return out
 
 
 class TokenAggregationBlock(nn.Module):

@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..affinity import Affinity, AffinityMixture, SelfAttentionAffinity, TokenMlpAffinity, build_affinity
+from ..affinity.registry import split_arguments
 from ..blocks import AggregationBlock, TokenAggregationBlock
 from ..checks import add_input_checks, state_fixed_input_size
 from ..layers import ConvDownsample
@@ -48,6 +49,9 @@ PAPER_NUMBERS: dict[str, dict[str, Any]] = {
     "container_swin": dict(source="Swin mixers in the Container base (ours)", params_exact=22_334_766),
     "container_axial": dict(source="axial mixers in the Container base (ours)", params_exact=22_309_416),
     "container_cswin": dict(source="CSWin mixers in the Container base (ours)", params_exact=22_309_416),
+    # container (22,434,234) + one switch logit per mixture block (18); its learned pattern deploys without them
+    "container_auto": dict(source="Container with learned dynamic-path switches (ours; Container §5 Limitations)",
+                           params_exact=22_434_252),
 }
 
 # Table 2 variants registered before the family prefix; the old names warn and build the new model.
@@ -67,6 +71,8 @@ class ContainerNet(StagedBackbone):
             that the stage's blocks take in turn (Swin's ``("window7", "shifted_window7")``).
         head_dim: channels per head C/M (Container Table 2 uses 32 for attention and multi-head mixers).
         img_size: only used by fixed-size affinities (token MLPs), which are built for its grid.
+        switch: give every mixture ``mix(dynamic,static)`` a learned on/off switch of its dynamic path
+            (:class:`~ctxagg.affinity.mixture.HardConcreteSwitch`; trained under ``ctxagg train --dynamic-budget``).
         mlp_rank: rank of low-rank token MLPs, as a fraction of N (float) or an absolute rank (int).
         proj: every block's input projection, ``"linear"`` (1×1) or ``"conv<k>"`` (CvT's depth-wise convolutional
             projection, :class:`~ctxagg.layers.conv_proj.ConvProjection`).
@@ -78,7 +84,7 @@ class ContainerNet(StagedBackbone):
                  head_dim: int = 32, img_size: Any = 224, in_chans: int = 3, num_classes: int = 1000,
                  global_pool: str = "avg", drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn_norm: str = "softmax",
-                 gate: str = "convex", mlp_rank: float | int = 0.25, pos_kernel: int = 3,
+                 gate: str = "convex", switch: bool = False, mlp_rank: float | int = 0.25, pos_kernel: int = 3,
                  mlp_rank_stages: Optional[Sequence[bool]] = None, model_name: str = "container_light",
                  proj: str = "linear", **kwargs):
         super().__init__()
@@ -91,7 +97,7 @@ class ContainerNet(StagedBackbone):
         img_size = to_2tuple(img_size)
         dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         block_args = dict(pos_kernel=pos_kernel, drop=proj_drop_rate, proj=proj)
-        affinity_args = dict(attn_norm=attn_norm, attn_drop=attn_drop_rate, gate=gate)
+        affinity_args = dict(attn_norm=attn_norm, attn_drop=attn_drop_rate, gate=gate, switch=switch)
         self.stem = ConvDownsample(in_chans, dims[0], patch_sizes[0])
         stages, self.feature_info, stride = [], [], 1
         for i, (spec, dim, patch, ratio) in enumerate(zip(mixers, dims, patch_sizes, mlp_ratios)):
@@ -112,8 +118,35 @@ class ContainerNet(StagedBackbone):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Mixture gates are not decayed (their value is the model's choice between A_dyn and A_static)."""
-        return {n for n, _ in self.named_parameters() if n.endswith(("gate_logit", ".alpha", ".beta"))}
+        """Mixture gates and switches are not decayed (their value is the model's choice between A_dyn and
+        A_static)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("gate_logit", ".alpha", ".beta", ".log_alpha"))}
+
+    def dynamic_pattern(self) -> list[list[bool]]:
+        """Per stage, per block: whether the block's dynamic path runs (in evaluation): False for a static mixer or
+        a mixture whose learned switch is off."""
+        return [[bool(b.affinity.dynamic) and (b.switch is None or b.affinity.dynamic_on()) for b in stage.blocks]
+                for stage in self.stages]
+
+    def learned_mixers(self) -> tuple:
+        """The ``mixers`` argument of the fixed architecture this model is (in evaluation): each mixture whose
+        switch is off becomes its static part; a stage whose blocks differ gets one spec per block."""
+        out = []
+        for spec, stage in zip(self.mixers, self.stages):
+            specs = (spec,) if isinstance(spec, str) else spec
+            blocks = tuple(_settled_spec(specs[j % len(specs)], b) for j, b in enumerate(stage.blocks))
+            out.append(blocks[0] if len(set(blocks)) == 1 else blocks)
+        return tuple(out)
+
+
+def _settled_spec(spec: str, block: AggregationBlock) -> str:
+    """``mix(<dynamic>,<static>)`` -> ``<static>`` when the block's dynamic path is off (or already removed)."""
+    compact = spec.replace(" ", "")
+    if not (compact.startswith("mix(") and compact.endswith(")")):
+        return spec
+    off = not isinstance(block.affinity, AffinityMixture) or (
+        block.switch is not None and not block.affinity.dynamic_on())
+    return split_arguments(compact[4:-1])[1] if off else spec
 
 
 # Official container_v1_light key -> ours, as (official pattern, ours pattern) regex pairs.
@@ -173,6 +206,7 @@ default_cfgs = generate_default_cfgs({
     "container_light": _cfg(),
     "container_light_paper": _cfg(),
     "container": _cfg(),
+    "container_auto": _cfg(),
     "container_hdeit_s": _cfg(),
     "container_swin": _cfg(),
     "container_axial": _cfg(),
@@ -233,6 +267,18 @@ def container(pretrained: bool = False, **kwargs) -> ContainerNet:
     """
     model_args = dict(mixers=("mix(sa,dw5)",) * 4)
     return _create_container("container", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def container_auto(pretrained: bool = False, **kwargs) -> ContainerNet:
+    """Container whose every α·A_sa + β·A_dw5 block carries a learned on/off switch of its dynamic path
+    (:class:`~ctxagg.affinity.mixture.HardConcreteSwitch`): it starts as :func:`container` (every path on; the
+    same weights plus one switch logit per block) and learns its own Container-Light pattern under
+    ``ctxagg train --dynamic-budget GMACS`` — the learning the paper leaves to future work (container.txt §5,
+    "Limitations"). ``learned_mixers()`` gives the fixed architecture (``container`` with those ``mixers``);
+    ``timm.utils.reparameterize_model`` removes the switched-off paths' weights and compute."""
+    model_args = dict(mixers=("mix(sa,dw5)",) * 4, switch=True)
+    return _create_container("container_auto", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

@@ -51,6 +51,11 @@ class TrainConfig:
     device: str = "auto"
     max_steps: Optional[int] = None      # stop after this many optimiser steps (tests, smoke runs)
     init: Optional[str] = None           # a `ctxagg ssl train` run (or its teacher.safetensors) to fine-tune from
+    # learned dynamic-path switches (container_auto; train/budget.py): GMACs per image at --img-size to fit
+    dynamic_budget: Optional[float] = None
+    dynamic_lambda: Optional[float] = None  # weight of the paths' cost (all paths = 1); None: 1 with a budget, else 0
+    dynamic_search: float = 0.5          # fraction of the run that learns the switches; then they are fixed
+    dynamic_lr: float = 0.05             # learning rate of the switch logits
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
@@ -127,6 +132,11 @@ class TrainConfig:
         need(self.workers >= 0, "workers", "0 or more", self.workers)
         need(self.max_steps is None or self.max_steps >= 1, "max-steps", "at least 1", self.max_steps)
         need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr", "a positive number", self.lr)
+        need(self.dynamic_budget is None or (math.isfinite(self.dynamic_budget) and self.dynamic_budget > 0),
+             "dynamic-budget", "a positive number of GMACs per image", self.dynamic_budget)
+        need(0 < self.dynamic_search < 1, "dynamic-search", "in (0, 1) (the switches are fixed after that fraction "
+             "of the run)", self.dynamic_search)
+        need(math.isfinite(self.dynamic_lr) and self.dynamic_lr > 0, "dynamic-lr", "a positive number", self.dynamic_lr)
         for flag, value, lo, hi, rule in (
                 ("weight-decay", self.weight_decay, 0, math.inf, "0 or more"),
                 ("momentum", self.momentum, 0, 1, "in [0, 1]"),
@@ -140,7 +150,8 @@ class TrainConfig:
                 ("hflip", self.hflip, 0, 1, "in [0, 1]"),
                 ("scale-min", self.scale_min, 1e-9, 1, "in (0, 1]"),
                 ("drop-path", self.drop_path, 0, 0.999999, "in [0, 1)"),
-                ("clip-grad", self.clip_grad, 0, math.inf, "0 or more (0: off)")):
+                ("clip-grad", self.clip_grad, 0, math.inf, "0 or more (0: off)"),
+                ("dynamic-lambda", self.dynamic_lambda, 0, math.inf, "0 or more")):
             need(value is None or lo <= value <= hi, flag, rule, value)
         if self.opt is not None and self.opt.lower().split("_")[-1] not in timm.optim.list_optimizers():
             problems.append(f"unknown --opt {self.opt!r} (timm optimisers: timm.optim.list_optimizers())")

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import ConfigError, CtxaggError
 from ..runs import DEFAULT_ROOT, data_tag, on_rank0, output_dir, remove_temp_files, resolve_run_path
+from .budget import PATTERN_FILE, DynamicBudget
 from .checkpoint import (atomic_write, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat,
                          rng_state, save_checkpoint, set_rng_state, write_metrics_csv)
 from .config import TrainConfig
@@ -48,7 +49,7 @@ log = logging.getLogger("ctxagg.train")
 RUNS_ROOT = DEFAULT_ROOT  # default runs: runs/<model>-<data>-<YYYYmmdd-HHMMSS>; runs/latest points to the newest
 # every file a run writes (removed by --overwrite; their temp files are left only by a kill mid-write)
 RUN_OUTPUTS = ("last.safetensors", "model.safetensors", "model_best.safetensors", "metrics.csv", "config.json",
-               "curves.png")
+               "curves.png", PATTERN_FILE)
 
 
 class NonFiniteLossError(CtxaggError, RuntimeError):
@@ -84,9 +85,15 @@ class _Run:
     criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)
     history: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
+    dynamic: Optional[DynamicBudget] = None  # learned dynamic-path switches (train/budget.py), if the model has them
 
     def budget_spent(self) -> bool:
         return self.cfg.max_steps is not None and self.steps >= self.cfg.max_steps
+
+    def progress(self) -> float:
+        """Fraction of the planned optimiser steps done (the switches' schedule; a function of the step alone, so a
+        resumed run follows it exactly)."""
+        return self.steps / (self.cfg.epochs * len(self.train_loader))
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +138,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True,
     if rank == 0 and run.history:
         from .plots import plot_curves
         plot_curves(run.history, out / "curves.png", title=f"{cfg.model} on {cfg.data}")
+        if run.dynamic is not None:
+            run.dynamic.finish(_unwrap(run.model), out)
     return TrainResult(out, run.history)
 
 
@@ -230,7 +239,10 @@ def _build_run(cfg: TrainConfig, out: Path, device: torch.device, rank: int, wor
             raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on CPU each process "
                               "normalises its own sub-batch")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = create_optimizer_v2(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    dynamic = DynamicBudget.for_run(model, cfg)  # a counted eval-mode pass for models with switches; no random draws
+    optimizer = create_optimizer_v2(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                    param_group_fn=dynamic.param_groups(cfg.weight_decay, cfg.dynamic_lr)
+                                    if dynamic is not None else None)
     transform = build_train_transform(cfg, mean, std) if cfg.augment else build_eval_transform(cfg.img_size, mean, std)
     train_loader = _loader(ArrayDataset(train_arrays, transform), cfg, True, rank, world)
     val_loader = _loader(ArrayDataset(val_arrays, build_eval_transform(cfg.img_size, mean, std)), cfg, False, rank,
@@ -243,7 +255,8 @@ def _build_run(cfg: TrainConfig, out: Path, device: torch.device, rank: int, wor
                                        step_on_epochs=False, updates_per_epoch=len(train_loader))
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     data = dict(mean=mean, std=std, num_classes=num_classes, classes=train_arrays.classes)
-    return _Run(cfg, out, device, rank, world, data, model, optimizer, scheduler, ema, train_loader, val_loader)
+    return _Run(cfg, out, device, rank, world, data, model, optimizer, scheduler, ema, train_loader, val_loader,
+                dynamic=dynamic)
 
 
 def _restore(run: _Run, tensors: dict, meta: dict) -> None:
@@ -283,6 +296,8 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool = True) -> dict[str, f
         if run.budget_spent():
             break
         images, hard_targets = images.to(run.device), targets.to(run.device)
+        if run.dynamic is not None:
+            run.dynamic.before_step(run.progress())
         loss, logits = _forward(run, images, hard_targets)
         if not _finite_or_skip(run, loss, epoch, batch_idx, stats):
             continue
@@ -335,7 +350,8 @@ def _finite_or_skip(run: _Run, loss: torch.Tensor, epoch: int, batch_idx: int, s
 
 def _optimizer_step(run: _Run, loss: torch.Tensor) -> None:
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    penalty = run.dynamic.loss(run.progress()) if run.dynamic is not None else None  # the switches' cost term
+    (loss if penalty is None else loss + penalty).backward()
     if run.cfg.clip_grad:
         dispatch_clip_grad(run.model.parameters(), run.cfg.clip_grad, mode="norm")
     run.optimizer.step()
@@ -356,6 +372,8 @@ def validate_epoch(run: _Run, epoch: int, stats: dict[str, float]) -> dict[str, 
     if run.ema is not None:
         ema_val = evaluate(run.ema.module, run.val_loader, run.device, cfg.amp, num_classes)
         record.update(ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+    if run.dynamic is not None:
+        record.update(run.dynamic.record())
     _check_finite_weights(_unwrap(run.model), "model", epoch)  # never save a NaN model
     if run.ema is not None:
         _check_finite_weights(run.ema.module, "EMA", epoch)
