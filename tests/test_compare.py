@@ -88,3 +88,16 @@ def test_parallel_jobs_give_the_same_runs_as_one_after_another(tmp_path):
     one = compare(variants, base, [0.1], str(tmp_path / "one"), progress=False, seeds=[1, 2])
     two = compare(variants, base, [0.1], str(tmp_path / "two"), progress=False, seeds=[1, 2], jobs=2)
     assert [r["curve"] for r in one["runs"]] == [r["curve"] for r in two["runs"]]
+
+
+def test_an_interrupted_comparison_resumes_and_reads_finished_runs_back(tmp_path):
+    base = TrainConfig(model="container_hdeit_s", data="digits", img_size=32, batch_size=16, epochs=1, fraction=0.1,
+                       max_steps=2, recipe="light", model_kwargs=dict(TINY))
+    variants = mixer_variants("container_hdeit_s", ["dw3"])
+    first = compare(variants, base, [0.1], str(tmp_path / "cmp"), progress=False, seeds=[1])
+    (tmp_path / "cmp" / "compare.md").unlink()  # as if stopped before the table
+    again = compare(variants + mixer_variants("container_hdeit_s", ["sa"]), base, [0.1], str(tmp_path / "cmp"),
+                    progress=False, seeds=[1], resume=True)
+    assert again["runs"][0]["curve"] == first["runs"][0]["curve"] and len(again["runs"]) == 2
+    with pytest.raises(Exception, match="--overwrite|holds"):
+        compare(variants, base, [0.1], str(tmp_path / "cmp"), progress=False, seeds=[1])  # no --resume: refused

@@ -87,9 +87,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from ctxagg.bench.zoo import format_table, model_rows
 
     _refuse_existing_json(args)
-    rows = model_rows(args.filter or ["*"], flops=not args.no_flops, img_size=args.img_size,
-                      activations=not args.no_activations, throughput=args.throughput,
-                      throughput_batch=args.throughput_batch)
+    rows = model_rows(args.filter or (["*"] if not args.checkpoint else []), flops=not args.no_flops,
+                      img_size=args.img_size, activations=not args.no_activations, throughput=args.throughput,
+                      throughput_batch=args.throughput_batch, checkpoints=args.checkpoint)
     if not rows:
         raise ConfigError(f"no registered model matches {args.filter}")
     print(format_table(rows, args.img_size))
@@ -109,6 +109,9 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--throughput", action="store_true",
                    help="also measure fp32 images/s on this machine (slow: a few forward passes per model)")
     p.add_argument("--throughput-batch", type=int, default=1, help="batch size of the throughput measurement")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="RUN",
+                   help="also a row for this `ctxagg train` run (repeatable; alone, only such rows): the trained model "
+                        "as deployed, with its learned per-block dynamic-path pattern")
     _add_json(p)
     p.set_defaults(func=_cmd_models)
 
@@ -392,7 +395,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         variants = match_parameters(variants, base.img_size, args.match_params)
     result = compare(variants, base, _csv(args.fractions, float), args.output, overwrite=args.overwrite,
                      seeds=_csv(args.seeds, int) if args.seeds else None, cost_img_size=args.cost_img_size,
-                     jobs=args.jobs)
+                     jobs=args.jobs, resume=args.resume)
     print(f"table: {result['output']}/compare.md  plot: {result['output']}/compare.png")
     return 0
 
@@ -414,6 +417,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--match-params", type=float, metavar="TOL",
                    help="scale each variant's channel-MLP widths so its backbone parameters match the first "
                         "variant's within TOL (e.g. 0.05)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --output: "
+                                                             "finished runs are read back, unfinished ones resumed")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes (CPU threads "
                                                         "are shared out; results do not depend on it)")
     p.add_argument("--cost-img-size", type=int, metavar="SIZE",
@@ -433,7 +438,8 @@ def _cmd_export_int8(args: argparse.Namespace) -> int:
                           "mnist:PATH); its validation split measures the top-1 agreement with fp32")
     refuse_existing_file(args.output, args.overwrite)
     r = run_int8_export(args.output, args.calib, args.model, args.checkpoint, args.int8_mode, args.img_size,
-                        args.calib_images, args.val_images, bf16=args.int8_bf16, model_kwargs=args.model_kwargs)
+                        args.calib_images, args.val_images, bf16=args.int8_bf16, model_kwargs=args.model_kwargs,
+                        observer=args.int8_observer)
     print(f"int8 ({r['mode']}, calibrated on {r['calib_images']} images of {r['calib']}) saved to {r['path']} "
           f"({r['size_mb']:.1f} MB); reloaded program vs in-memory: max |diff| {r['max_abs_error'][0]:.1e}")
     print(f"on {r['val_images']} validation images: fp32 top-1 {r['fp32_top1']:.2f}%, int8 top-1 {r['int8_top1']:.2f}%, "
@@ -480,6 +486,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                                        "quantizer; needs torchao) saved as a .pt2 program")
     p.add_argument("--int8-mode", choices=("static", "dynamic"), default="static",
                    help="static: convs and linears, activations calibrated; dynamic: linears only, ranges per batch")
+    p.add_argument("--int8-observer", choices=("histogram", "minmax"), default="histogram",
+                   help="static calibration: histogram (x86 default, robust to outliers, slower) or min/max")
     p.add_argument("--int8-bf16", action="store_true", help="measure the agreement with the unquantized ops in bf16")
     p.add_argument("--calib", help="images to calibrate on (a data SPEC as in `ctxagg train --data`)")
     p.add_argument("--calib-images", type=int, default=256, help="calibration images from its training split")

@@ -115,12 +115,13 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _run(v: Variant, base: TrainConfig, fraction: float, seed: int, out: Path, progress: bool,
-         overwrite: bool) -> dict[str, Any]:
+         overwrite: bool, resume: bool = False) -> dict[str, Any]:
+    folder = out / f"{v.folder}-f{fraction:g}-s{seed}"
     cfg = replace(base, model=v.model, fraction=fraction, seed=seed,
-                  model_kwargs={**base.model_kwargs, **v.kwargs},
-                  output=str(out / f"{v.folder}-f{fraction:g}-s{seed}"))
+                  model_kwargs={**base.model_kwargs, **v.kwargs}, output=str(folder))
     t0 = time.perf_counter()
-    result = train(cfg, progress=progress, overwrite=overwrite)
+    started = resume and (folder / "last.safetensors").exists()  # an interrupted comparison continues exactly
+    result = train(cfg, resume=str(folder) if started else None, progress=progress, overwrite=overwrite)
     run = dict(label=v.label, model=v.model, fraction=fraction, seed=seed, best_top1=result.best_top1,
                final_top1=result.history[-1]["val_top1"], seconds=time.perf_counter() - t0,
                curve=[h["val_top1"] for h in result.history])
@@ -132,20 +133,21 @@ def _run(v: Variant, base: TrainConfig, fraction: float, seed: int, out: Path, p
 def compare(models: Sequence[str | Variant], base: TrainConfig, fractions: Sequence[float],
             output: Optional[str] = None, progress: bool = True, overwrite: bool = False,
             seeds: Optional[Sequence[int]] = None, cost_img_size: Optional[int] = None,
-            jobs: int = 1) -> dict[str, Any]:
+            jobs: int = 1, resume: bool = False) -> dict[str, Any]:
     """Train every variant on every fraction with every seed (the data subset and the initialisation follow the
     seed) and tabulate best val top-1 as mean ± std over seeds.
 
     ``models``: registered names or :class:`Variant` rows. ``seeds`` None: the base config's seed only.
     ``cost_img_size``: also measure each variant's parameters, GMACs, inference throughput and peak memory at
     that size (batch 8, fp32, eager). ``jobs`` > 1: that many runs at once in worker processes, each with its
-    share of the CPU threads (results do not depend on it: every run is seeded on its own). ``output`` None: a new ``runs/compare-<YYYYmmdd-HHMMSS>``; an explicit
+    share of the CPU threads (results do not depend on it: every run is seeded on its own). ``resume``: runs
+    already in ``output`` continue from their last epoch (finished ones are read back). ``output`` None: a new ``runs/compare-<YYYYmmdd-HHMMSS>``; an explicit
     folder holding results is refused unless ``overwrite``. Each run goes to ``<output>/<label>-f<F>-s<S>``."""
     variants = [m if isinstance(m, Variant) else Variant(m, m) for m in models]
     seeds = list(seeds) if seeds else [base.seed]
-    out = output_dir(output, "compare", overwrite=overwrite, outputs=COMPARE_OUTPUTS)
-    jobs_args = [(v, base, f, s, out, progress and jobs == 1, overwrite) for v in variants for f in fractions
-                 for s in seeds]
+    out = output_dir(output, "compare", overwrite=overwrite or resume, outputs=COMPARE_OUTPUTS)  # resume: tables redone
+    jobs_args = [(v, base, f, s, out, progress and jobs == 1, overwrite, resume) for v in variants
+                 for f in fractions for s in seeds]
     runs = _run_all(jobs_args, jobs)
     params = {v.label: backbone_params(v.model, base.img_size, **{**base.model_kwargs, **v.kwargs})
               for v in variants}
