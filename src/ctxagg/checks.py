@@ -15,8 +15,8 @@ What a model accepts is read from the model (:func:`input_spec`): ``model_name``
 is off by default. While torch.fx traces a model the input is a ``Proxy`` (no values, no shape): the checks
 skip it (:func:`ctxagg.tracing.is_symbolic`), and the traced graph runs without them, as timm's traced models do.
 
-Layer: this module imports only torch (and :mod:`ctxagg.tracing`), so every layer (affinity/ ... cli.py) may use it and it never
-imports the package (no cycle through models/).
+Layer: this module imports only torch (and :mod:`ctxagg.tracing`), so every layer (affinity/ ... cli.py) may use
+it and it never imports the package (no cycle through models/).
 """
 from __future__ import annotations
 
