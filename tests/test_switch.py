@@ -170,7 +170,8 @@ def test_a_switched_off_block_is_exactly_the_static_only_block_and_deploys_witho
     names = [n for n, _ in deployed.named_parameters()]
     assert not [n for n in names if "dynamic" in n or "switch" in n or "gate" in n]
     assert isinstance(deployed.affinity, DepthwiseConvAffinity)
-    assert sum(q.numel() for q in deployed.proj_in.parameters()) <= sum(q.numel() for q in reference.proj_in.parameters())
+    kept = sum(q.numel() for q in deployed.proj_in.parameters())
+    assert kept <= sum(q.numel() for q in reference.proj_in.parameters())
     # the counter sees exactly the analytic dynamic cost disappear (both projection kinds)
     static_macs = count_gmacs(reference.float(), (DIM, 6, 5))
     assert count_gmacs(deployed.float(), (DIM, 6, 5)) == static_macs
@@ -326,6 +327,31 @@ def test_a_small_run_learns_a_pattern_within_the_budget(tmp_path, capsys):
     removed = sum(2 * d * d + 2 * d + 1 for d, b in zip(TINY["dims"], report["blocks"]) if not b["on"])
     assert count_params(fixed) == count_params(probe) - 4 - removed
     assert report["deployed_params"] < count_params(fixed)  # deployment also folds the BatchNorms
+    _the_pattern_is_shown_by_inspect_models_and_the_map(tmp_path, report, result)
+
+
+def _the_pattern_is_shown_by_inspect_models_and_the_map(tmp_path, report, result):
+    """`ctxagg inspect`, `ctxagg models --checkpoint` and the run map all show the learned pattern; model_best is an
+    epoch of the fixed architecture (epoch 1 fixed the switches, so epoch 0 may not be "best")."""
+    from ctxagg.analysis.inspect import inspect_model, load_model
+    from ctxagg.analysis.switch_map import switch_report
+    from ctxagg.bench.zoo import format_table, model_rows
+
+    learned = " ".join(report["pattern"])
+    assert [h["dynamic_fixed"] for h in result.history] == [False, True]
+    model, info = load_model(checkpoint=str(tmp_path / "run"))
+    numbers = inspect_model(model, torch.zeros(1, 3, 16, 16))["numbers"]
+    assert numbers["dynamic_paths"].replace("|", " ") == learned
+    switches = [w for w in numbers["mixture_weights"].values() if "dynamic_on" in w]
+    assert [w["dynamic_on"] for w in switches] == [b["on"] for b in report["blocks"]]
+    rows = model_rows([], img_size=16, activations=False, checkpoints=[str(tmp_path / "run")])
+    assert rows[0]["dynamic_paths"].replace("|", " ") == learned and rows[0]["gmacs"] == pytest.approx(
+        report["deployed_gmacs"], abs=1e-9)
+    assert learned in format_table(rows, 16)
+    out = switch_report([str(tmp_path / "run")], str(tmp_path / "map"))
+    assert out["rows"][0]["pattern"].replace("|", " ") == learned
+    assert out["rows"][0]["best_top1"] == pytest.approx(result.history[1]["val_top1"])
+    assert (tmp_path / "map" / "switch_map.png").stat().st_size > 0 and learned in out["table"]
 
 
 def test_resume_with_switches_reproduces_the_uninterrupted_run(tmp_path):

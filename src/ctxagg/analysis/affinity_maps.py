@@ -285,6 +285,10 @@ def mixture_weights(model: nn.Module) -> dict[str, dict[str, Any]]:
             alpha, beta = module.weights()
             out[name] = dict(alpha=float(alpha.detach()), beta=float(beta.detach()), gate=module.gate,
                              dynamic=type(module.dynamic_affinity).__name__, static=type(module.static_affinity).__name__)
+            if module.switch is not None:  # a learned on/off switch of the dynamic path (train/budget.py)
+                out[name].update(dynamic_on=module.dynamic_on(), switch_fixed=module.switch.fixed,
+                                 switch_z=float(module.switch.deterministic().detach()),
+                                 switch_prob_on=float(module.switch.prob_on().detach()))
     return out
 
 

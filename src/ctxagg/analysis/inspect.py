@@ -5,6 +5,8 @@ For every block's affinity (captured with forward hooks, see :mod:`.affinity_map
   (Container Fig. 1 right: "emergence of local affinities");
 - ``dynamic_attention.png`` — the dynamic affinity (attention) of the first query, per head, per layer;
 - ``mixture_weights.png`` — α and β of each mixture block (Container Eq. 9), what the model learned to use;
+- ``dynamic_paths.png`` — for Container models, which blocks run their dynamic path (a learned on/off pattern of
+  ``container_auto``, or a hand-made one such as Container-Light's), from :mod:`.switch_map`;
 - ``locality.png`` — the locality score per layer (affinity mass within radius r of the query) next to
   the uniform-affinity chance level, so "emergence of locality" is a number;
 - ``affinity_matrices.png`` — the whole N×N matrix (head 0) of each kind of affinity, at its largest layer with
@@ -30,11 +32,12 @@ from ..runs import output_dir, refuse_existing
 from .affinity_maps import (AffinityCall, affinity_rows, call_rows, capture_affinity_calls, layer_statistics,
                             mixture_weights, query_token, rows_to_grid)
 from .lesa import attention_layers, diagonal_shares, fusion_weight_shares, mean_share
+from .switch_map import model_pattern, pattern_string, plot_switch_map
 
 __all__ = ["load_model", "load_image", "inspect_model", "render", "run_inspect", "INSPECT_OUTPUTS"]
 
 INSPECT_OUTPUTS = ("static_affinity.png", "dynamic_attention.png", "affinity_matrices.png", "mixture_weights.png",
-                   "locality.png",
+                   "dynamic_paths.png", "locality.png",
                    "lesa_shares.png", "inspect.json")
 
 
@@ -144,6 +147,9 @@ def inspect_model(model: nn.Module, image: Tensor, queries: Optional[Sequence[Se
                                      cells=cell(1), windowed=call.batch > image.shape[0]))
     numbers: dict[str, Any] = dict(radius=radius, queries_px=[list(q) for q in queries], layers=layers,
                                    skipped=skipped, mixture_weights=mixtures)
+    pattern = model_pattern(model)
+    if pattern is not None:  # per block: 1 = the dynamic path runs (learned switches included), stages split by |
+        numbers["dynamic_paths"] = pattern_string(pattern)
     if isinstance(logits, Tensor) and logits.ndim == 2:
         probs = logits.float().softmax(-1)[0]
         top = probs.topk(min(5, probs.numel()))
@@ -297,6 +303,10 @@ def render(result: dict[str, Any], shown: np.ndarray, out: Path, name: str) -> l
     if maps.get("full"):
         files.append(out / "affinity_matrices.png")
         _plot_matrices(maps["full"], files[-1], f"{name}: the whole affinity matrix |A| (head 0, √ scale) per kind")
+    if numbers.get("dynamic_paths"):
+        files.append(out / "dynamic_paths.png")
+        plot_switch_map([dict(label=name, pattern=numbers["dynamic_paths"])], files[-1],
+                        f"{name}: dynamic paths per block")
     layers = numbers["layers"]
     mixed = [layer for layer in layers if "alpha" in layer]
     if mixed:
@@ -344,6 +354,8 @@ def _summary(numbers: dict[str, Any]) -> str:
         lines.append(f"LESA: mean diagonal share {fmt(lesa['mean_diagonal_share'])}"
                      + (f", mean unary/binary {fmt(lesa['mean_fusion_share'][0])}/{fmt(lesa['mean_fusion_share'][1])}"
                         if "mean_fusion_share" in lesa else ""))
+    if "dynamic_paths" in numbers:
+        lines.append(f"dynamic paths (1 = on, stages separated by |): {numbers['dynamic_paths']}")
     if "top5" in numbers:
         lines.append("top-5: " + ", ".join(f"{c} {p:.3f}" for c, p in numbers["top5"]))
     return "\n".join(lines)

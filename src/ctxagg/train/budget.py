@@ -173,11 +173,13 @@ class DynamicBudget:
 
     # --- reporting ---------------------------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:
-        """Per-epoch numbers for metrics.csv: the evaluation pattern's GMACs, the expected GMACs, the paths on."""
+        """Per-epoch numbers for metrics.csv: the evaluation pattern's GMACs, the expected GMACs, the paths on and
+        whether they are fixed (then only such epochs compete for ``model_best``)."""
         on = self.current_pattern()
         with torch.no_grad():
             expected = float(self.expected_macs())
-        return dict(gmacs=self.pattern_macs(on) / 1e9, expected_gmacs=expected / 1e9, dynamic_on=sum(on))
+        return dict(gmacs=self.pattern_macs(on) / 1e9, expected_gmacs=expected / 1e9, dynamic_on=sum(on),
+                    dynamic_fixed=self.fixed)
 
     def report(self, model: nn.Module) -> dict[str, Any]:
         """The learned pattern (per block: on, P(on), tokens, cost), its MACs counted on the deployed model (switches

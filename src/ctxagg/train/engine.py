@@ -404,7 +404,9 @@ def save_checkpoints(run: _Run, epoch: int) -> None:
                     dict(common, history=run.history, optimizer=optim_js, rng=rng_js))
     val_top1 = run.history[-1]["val_top1"]
     save_checkpoint(run.out / "model.safetensors", weights, dict(common, val_top1=val_top1))
-    if val_top1 >= max(h["val_top1"] for h in run.history):
+    # with learned switches, once they are fixed only the epochs of that fixed architecture compete for "best"
+    pool = [h for h in run.history if h.get("dynamic_fixed")] or run.history
+    if run.history[-1] in pool and val_top1 >= max(h["val_top1"] for h in pool):
         save_checkpoint(run.out / "model_best.safetensors", weights, dict(common, val_top1=val_top1))
 
 
