@@ -1,11 +1,13 @@
-"""The three `ctxagg bench` tools as library functions, each writing its results to its own folder.
+"""The `ctxagg bench` tools as library functions, each writing its results to its own folder.
 
 - :func:`run_throughput` (``ctxagg bench throughput``): img/s, latency and peak memory over a grid of models,
   batch sizes, resolutions, dtypes and memory formats → bench.json, bench.csv, bench.png;
 - :func:`run_sweep` (``ctxagg bench sweep``): memory and latency vs input size (LinGlos Fig. 4; Container vs
   Container-Light) → sweep_resolution.json, sweep_resolution.png;
-- :func:`run_deploy` (``ctxagg bench deploy``): eager fp32 vs the optimised deploy path (fp32, bf16) with the
-  measured matmul peak → compare_eager.json.
+- :func:`run_deploy` (``ctxagg bench deploy``): eager fp32 vs the optimised deploy path (fp32, bf16, int8) with the
+  measured matmul peak, batch-1 latency, optionally timm's peers → compare_eager.json;
+- :func:`run_train_bench` (``ctxagg bench train``): training img/s and peak memory of eager / compiled / bf16 /
+  channels_last steps → bench_train.json.
 
 ``output`` None writes to a new ``runs/bench-<tool>-<YYYYmmdd-HHMMSS>`` folder; an explicit folder that already
 holds results is refused before anything is measured, unless ``overwrite`` (see :mod:`ctxagg.runs`).
@@ -20,11 +22,13 @@ import torch
 
 from ..runs import output_dir
 
-__all__ = ["run_throughput", "run_sweep", "run_deploy", "THROUGHPUT_OUTPUTS", "SWEEP_OUTPUTS", "DEPLOY_OUTPUTS"]
+__all__ = ["run_throughput", "run_sweep", "run_deploy", "run_train_bench", "THROUGHPUT_OUTPUTS", "SWEEP_OUTPUTS",
+           "DEPLOY_OUTPUTS", "TRAIN_OUTPUTS"]
 
 THROUGHPUT_OUTPUTS = ("bench.json", "bench.csv", "bench.png")
 SWEEP_OUTPUTS = ("sweep_resolution.json", "sweep_resolution.png")
 DEPLOY_OUTPUTS = ("compare_eager.json",)
+TRAIN_OUTPUTS = ("bench_train.json",)
 Echo = Callable[[str], None]
 
 
@@ -84,15 +88,44 @@ def run_sweep(sizes: Sequence[int] = (224, 320, 448, 640, 800), batch: int = 16,
 
 
 def run_deploy(models: Optional[Sequence[str]] = None, batch: int = 32, size: int = 224, warmup: int = 1,
-               repeats: int = 3, compile: bool = True, output: Optional[str] = None, overwrite: bool = False
-               ) -> dict[str, Any]:
-    """:func:`ctxagg.bench.deploy_compare.compare_eager` (default models: its ``DEFAULT_MODELS``), written as
-    JSON. Returns the comparison with ``files``."""
-    from .deploy_compare import DEFAULT_MODELS, compare_eager
+               repeats: int = 3, compile: bool = True, output: Optional[str] = None, overwrite: bool = False,
+               int8: bool = True, latency_batch: Optional[int] = 1, device: str = "cpu", peers: bool = False,
+               echo: Optional[Echo] = print) -> dict[str, Any]:
+    """:func:`ctxagg.bench.deploy_compare.compare_eager` (default models: its ``DEFAULT_MODELS``; ``peers`` adds
+    timm's ``PEER_MODELS``), written as JSON. Returns the comparison with ``files``."""
+    from .deploy_compare import DEFAULT_MODELS, compare_eager, format_latency
 
     out = output_dir(output, "bench", "deploy", overwrite=overwrite, outputs=DEPLOY_OUTPUTS)
     result = compare_eager(list(models or DEFAULT_MODELS), batch, size, warmup=warmup, repeats=repeats,
-                           compile=compile)
+                           compile=compile, int8=int8, latency_batch=latency_batch, device=device, peers=peers,
+                           echo=echo)
+    latency = format_latency(result["rows"])
+    if latency:
+        _say(echo, f"\nlatency at batch {latency_batch} (median of {repeats}):\n{latency}")
     path = Path(out) / DEPLOY_OUTPUTS[0]
     path.write_text(json.dumps(result, indent=2))
     return dict(result, files=[str(path)], output=str(out))
+
+
+def run_train_bench(models: Sequence[str], batch: int = 32, size: int = 224,
+                    variants: Sequence[str] = ("eager", "compiled", "eager_bf16", "compiled_bf16"), warmup: int = 2,
+                    repeats: int = 5, device: str = "cpu", memory: bool = True, output: Optional[str] = None,
+                    overwrite: bool = False, echo: Optional[Echo] = print) -> dict[str, Any]:
+    """:func:`ctxagg.bench.train_speed.measure_training` for each model, written as JSON. Returns ``rows``,
+    ``files`` and ``table``."""
+    from .train_speed import format_training, measure_training
+
+    out = output_dir(output, "bench", "train", overwrite=overwrite, outputs=TRAIN_OUTPUTS)
+    _say(echo, f"training step (forward + backward + AdamW), batch {batch}, {size}², {device}, "
+               f"{torch.get_num_threads()} threads; variants {list(variants)}, timed round-robin")
+    rows = []
+    for name in models:
+        rows += measure_training(name, batch, size, variants, warmup, repeats, device, memory)
+        _say(echo, format_training(rows[-len(variants):]))
+    table = format_training(rows)
+    path = Path(out) / TRAIN_OUTPUTS[0]
+    meta = dict(batch=batch, size=size, device=device, threads=torch.get_num_threads(), torch=torch.__version__,
+                timing="round-robin over variants", memory="torch.cuda.max_memory_allocated delta" if
+                device.startswith("cuda") else "peak running total of the CPU allocator (torch.profiler)")
+    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    return dict(rows=rows, files=[str(path)], table=table, output=str(out))

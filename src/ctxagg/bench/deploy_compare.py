@@ -1,72 +1,188 @@
-"""`ctxagg bench --compare-eager`: eager fp32 vs the deploy path (fp32 and bf16), with the machine's
-measured matrix-multiply peak so every figure is also a fraction of what the hardware can do."""
+"""`ctxagg bench deploy`: eager fp32 vs the deploy path (fp32, bf16, int8), with the machine's measured matrix-multiply
+peak so every figure is also a fraction of what the hardware can do, batch-1 latency (what a deployed model sees),
+and optionally timm's closest peers measured in the same run.
+
+Timing is round-robin: after every variant of a model is built and warmed up (compiled), each repeat times one
+pass of every variant in turn, so a change in the machine's load touches all of them alike and the ratios between
+variants stay comparable even on a shared machine.
+
+int8 (x86 CPUs only; :mod:`ctxagg.export.quantize`): static PT2E quantization, calibrated here on two batches of
+random normal images with min/max observers (calibration sets the scales, not the speed; accuracy is measured
+by `ctxagg export --int8` on real images with the default histogram observers); where the static flow fails for
+a model, dynamic int8 of its linears, and the row says which ran. ``opt_int8_bf16`` runs the ops left unquantized (attention, norms, GELU) in bf16.
+"""
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import timm
 import torch
+from timm.models import model_entrypoint
+from torch import nn
 
 from ..export import optimize
 from .complexity import count_gmacs
-from .throughput import benchmark
+from .throughput import summarise_times, time_passes
 
-__all__ = ["matmul_peak_gmacs", "compare_eager", "format_compare", "DEFAULT_MODELS"]
+__all__ = ["matmul_peak_gmacs", "compare_eager", "format_compare", "format_latency", "DEFAULT_MODELS", "PEER_MODELS",
+           "VARIANTS"]
 
 DEFAULT_MODELS = ("container_light", "container", "linglo_b1", "resnet50_lesa", "deit_s")
+# timm's models closest in size to ours (ImageNet-1k, ~20-30 M parameters, 224²)
+PEER_MODELS = ("resnet50", "convnext_tiny", "deit_small_patch16_224", "pvt_v2_b2", "twins_svt_small",
+               "swin_tiny_patch4_window7_224")
+# variant -> (optimize() arguments, the precision whose matmul peak it is compared with)
+VARIANTS: dict[str, tuple[Optional[dict[str, Any]], str]] = {
+    "eager_fp32": (None, "fp32"),
+    "opt_fp32": (dict(), "fp32"),
+    "opt_bf16": (dict(bf16=True), "bf16"),
+    "opt_int8": (dict(int8="static", int8_observer="minmax"), "int8"),
+    "opt_int8_bf16": (dict(int8="static", int8_observer="minmax", bf16=True), "int8"),
+}
+LATENCY_VARIANTS = ("eager_fp32", "opt_fp32", "opt_bf16", "opt_int8", "opt_int8_bf16")
 
 
-def matmul_peak_gmacs(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:
-    """Median multiply-accumulates per second (G) of an n×n×n matmul: the machine's practical peak."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def _median_rate(fn: Callable[[], Any], macs: float, repeats: int) -> float:
     for _ in range(2):
-        a @ b
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        fn()
         times.append(time.perf_counter() - start)
-    return n ** 3 / sorted(times)[repeats // 2] / 1e9
+    return macs / sorted(times)[repeats // 2] / 1e9
+
+
+def matmul_peak_gmacs(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:
+    """Median multiply-accumulates per second (G) of an n×n×n matmul: the machine's practical peak. ``torch.int8``:
+    oneDNN's u8×s8 int8 linear (the kernel inductor emits for a quantized linear; VNNI where the CPU has it)."""
+    if dtype == torch.int8:
+        x = torch.randint(0, 255, (n, n), dtype=torch.uint8)
+        weight = torch.ops.onednn.qlinear_prepack(torch.randint(-128, 127, (n, n), dtype=torch.int8), [n, n])
+        scales, zeros = torch.full((n,), 0.01), torch.zeros(n, dtype=torch.long)
+        return _median_rate(lambda: torch.ops.onednn.qlinear_pointwise(
+            x, 0.1, 0, weight, scales, zeros, None, 1.0, 0, torch.float32, "none", [], ""), n ** 3, repeats)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return _median_rate(lambda: a @ b, n ** 3, repeats)
+
+
+def _build_variants(model: nn.Module, names: Sequence[str], batch: tuple[int, int], device: str, compile: bool
+                    ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The deployed modules of ``names`` and, for int8, which mode ran (static, or dynamic where static failed)."""
+    built, notes = {}, {}
+    batch_size, size = batch
+    for name in names:
+        kwargs, _ = VARIANTS[name]
+        if kwargs is None:
+            built[name] = model
+            continue
+        if "int8" not in kwargs:
+            built[name] = optimize(model, compile=compile, device=device, **kwargs)
+            continue
+        calibration = [torch.randn(batch_size, 3, size, size) for _ in range(2)]
+        try:
+            built[name], notes[name] = optimize(model, device=device, calibration=calibration, **kwargs), "static"
+        except Exception as exc:  # noqa: BLE001 - a graph the static flow cannot take: dynamic int8 of the linears
+            notes[name] = f"dynamic (static failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]})"
+            built[name] = optimize(model, device=device, calibration=calibration, **dict(kwargs, int8="dynamic"))
+    return built, notes
+
+
+@torch.no_grad()
+def _round_robin(built: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Per-variant pass times (ms): ``warmup`` untimed passes each (the first compiles), then ``repeats`` rounds."""
+    for net in built.values():
+        for _ in range(max(warmup, 1)):
+            net(x)
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(repeats):
+        for name, net in built.items():
+            times[name] += time_passes(lambda: net(x), 1, x.device)
+    return times
+
+
+def _measure_model(name: str, batch_size: int, img_size: int, variants: Sequence[str], warmup: int, repeats: int,
+                   device: str, latency_batch: Optional[int], peaks: dict[str, float], compile: bool
+                   ) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval().to(device)
+    gmacs = count_gmacs(model, (3, img_size, img_size))
+    source = "ctxagg" if model_entrypoint(name).__module__.startswith("ctxagg") else "timm"
+    row: dict[str, Any] = dict(model=name, source=source,
+                               params_m=sum(p.numel() for p in model.parameters()) / 1e6, gmacs=gmacs,
+                               batch_size=batch_size, img_size=img_size, device=device)
+    built, row["int8_mode"] = _build_variants(model, variants, (batch_size, img_size), device, compile)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    for key, times in _round_robin(built, x, warmup, repeats).items():
+        row[f"{key}_img_s"] = summarise_times(times, batch_size)["throughput"]
+        row[f"{key}_peak_frac"] = gmacs * row[f"{key}_img_s"] / peaks[VARIANTS[key][1]]
+        row[f"{key}_speedup"] = row[f"{key}_img_s"] / row[f"eager_fp32_img_s"] if "eager_fp32" in built else None
+    if latency_batch:
+        one = torch.randn(latency_batch, 3, img_size, img_size, device=device)
+        chosen = {k: v for k, v in built.items() if k in LATENCY_VARIANTS}
+        for key, times in _round_robin(chosen, one, warmup, repeats).items():
+            row[f"{key}_latency_ms"] = summarise_times(times, latency_batch)["latency_ms"]
+        row["latency_batch"] = latency_batch
+    return row
 
 
 def compare_eager(models: Sequence[str] = DEFAULT_MODELS, batch_size: int = 32, img_size: int = 224,
-                  warmup: int = 1, repeats: int = 3, compile: bool = True) -> dict[str, Any]:
-    """For each model: eager fp32, optimised fp32 and optimised bf16 throughput, their ratios, and the
-    achieved fraction of the measured fp32 / bf16 matmul peak (GMACs per image × img/s ÷ peak)."""
+                  warmup: int = 1, repeats: int = 3, compile: bool = True, int8: bool = True,
+                  latency_batch: Optional[int] = 1, device: str = "cpu", peers: bool = False,
+                  echo: Optional[Callable[[str], None]] = print) -> dict[str, Any]:
+    """For each model (and, with ``peers``, each of :data:`PEER_MODELS`): params, GMACs, eager fp32 and optimised
+    fp32 / bf16 / int8 throughput, their ratios to eager, the achieved fraction of the measured matmul peak of
+    that precision (GMACs per image × img/s ÷ peak), and batch-``latency_batch`` latency of each variant.
+    ``compile`` False: the deploy variants without torch.compile and without int8 (which needs it); int8 runs on
+    CPUs only."""
+    dev = torch.device(device)
+    int8 = int8 and compile and dev.type == "cpu"
     peaks = dict(fp32=matmul_peak_gmacs(torch.float32), bf16=matmul_peak_gmacs(torch.bfloat16))
+    if int8:
+        peaks["int8"] = matmul_peak_gmacs(torch.int8)
+    variants = [v for v in VARIANTS if "int8" not in v or int8]
+    names = list(models) + [p for p in (PEER_MODELS if peers else ()) if p not in models]
     rows = []
-    for name in models:
-        torch.manual_seed(0)
-        model = timm.create_model(name).eval()
-        gmacs = count_gmacs(model, (3, img_size, img_size))
-        row: dict[str, Any] = dict(model=name, batch_size=batch_size, img_size=img_size, gmacs=gmacs)
-        variants = (("eager_fp32", model, "fp32"),
-                    ("opt_fp32", optimize(model, compile=compile, compile_mode="default"), "fp32"),
-                    ("opt_bf16", optimize(model, bf16=True, compile=compile, compile_mode="default"), "bf16"))
-        for key, net, precision in variants:
-            result = benchmark(net, batch_size, img_size, "fp32", warmup=warmup, repeats=repeats, memory=False,
-                               label=f"{name}:{key}")
-            row[f"{key}_img_s"] = result["throughput"]
-            row[f"{key}_peak_frac"] = gmacs * result["throughput"] / peaks[precision]
-        row["opt_fp32_speedup"] = row["opt_fp32_img_s"] / row["eager_fp32_img_s"]
-        row["opt_bf16_speedup"] = row["opt_bf16_img_s"] / row["eager_fp32_img_s"]
-        rows.append(row)
-        print(format_compare([row], peaks, header=not rows[:-1]), flush=True)
-    return dict(peak_gmacs=peaks, threads=torch.get_num_threads(), compiled=compile, rows=rows)
+    for name in names:
+        rows.append(_measure_model(name, batch_size, img_size, variants, warmup, repeats, device, latency_batch,
+                                   peaks, compile))
+        if echo is not None:
+            echo(format_compare(rows[-1:], peaks, header=len(rows) == 1))
+    return dict(peak_gmacs=peaks, threads=torch.get_num_threads(), compiled=compile, variants=variants,
+                device=device, timing="round-robin over variants", rows=rows)
+
+
+_LABELS = dict(eager_fp32="eager fp32", opt_fp32="opt fp32", opt_bf16="opt bf16", opt_int8="opt int8",
+               opt_int8_bf16="opt int8+bf16")
 
 
 def format_compare(rows: Sequence[dict[str, Any]], peaks: dict[str, float], header: bool = True) -> str:
+    """Markdown: one line per model, img/s of each variant (× eager fp32), % of the matching matmul peak."""
+    variants = [v for v in VARIANTS if rows and f"{v}_img_s" in rows[0]]
     lines = []
     if header:
-        lines += [f"matmul peak (2048³): fp32 {peaks['fp32']:.1f} GMAC/s, bf16 {peaks['bf16']:.1f} GMAC/s",
-                  "| model | GMACs/img | eager fp32 img/s | opt fp32 img/s (×) | opt bf16 img/s (×) | "
-                  "% of fp32 peak: eager / opt | % of bf16 peak: opt |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["matmul peak (2048³): " + ", ".join(f"{k} {v:.1f} GMAC/s" for k, v in peaks.items()),
+                  "| model | from | params M | GMACs/img | " + " | ".join(f"{_LABELS[v]} img/s" for v in variants)
+                  + " | % of peak: " + " / ".join(_LABELS[v] for v in variants) + " |",
+                  "|---|---|---:|---:|" + "---:|" * len(variants) + "---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['gmacs']:.2f} | {r['eager_fp32_img_s']:.1f} | "
-                     f"{r['opt_fp32_img_s']:.1f} ({r['opt_fp32_speedup']:.2f}×) | "
-                     f"{r['opt_bf16_img_s']:.1f} ({r['opt_bf16_speedup']:.2f}×) | "
-                     f"{100 * r['eager_fp32_peak_frac']:.0f}% / {100 * r['opt_fp32_peak_frac']:.0f}% | "
-                     f"{100 * r['opt_bf16_peak_frac']:.0f}% |")
+        cells = [f"{r[f'{v}_img_s']:.1f}" + (f" ({r[f'{v}_speedup']:.2f}×)" if v != "eager_fp32" and
+                                             r.get(f"{v}_speedup") else "") for v in variants]
+        fracs = " / ".join(f"{100 * r[f'{v}_peak_frac']:.0f}%" for v in variants)
+        lines.append(f"| {r['model']} | {r['source']} | {r['params_m']:.1f} | {r['gmacs']:.2f} | " + " | ".join(cells)
+                     + f" | {fracs} |")
+    return "\n".join(lines)
+
+
+def format_latency(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: batch-1 (``latency_batch``) latency in ms of each variant, one line per model."""
+    variants = [v for v in LATENCY_VARIANTS if rows and f"{v}_latency_ms" in rows[0]]
+    if not variants:
+        return ""
+    lines = [f"| model | batch | " + " | ".join(f"{_LABELS[v]} ms" for v in variants) + " |",
+             "|---|---:|" + "---:|" * len(variants)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['latency_batch']} | "
+                     + " | ".join(f"{r[f'{v}_latency_ms']:.1f}" for v in variants) + " |")
     return "\n".join(lines)

@@ -1,16 +1,18 @@
-"""Deployment: exact re-parameterisation, channels_last, optional bf16 autocast and torch.compile."""
+"""Deployment: exact re-parameterisation, channels_last, optional bf16 autocast, int8 (PT2E) and torch.compile."""
 from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
+from typing import Iterable, Optional
 
 import torch
 from timm.utils.model import reparameterize_model
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..layers.fold import fold_bn_into_prev_conv
 
-__all__ = ["reparameterize", "optimize", "DeployedModel"]
+__all__ = ["reparameterize", "optimize", "deploy_module", "DeployedModel"]
 
 _CONV_BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
@@ -46,7 +48,8 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 class DeployedModel(nn.Module):
-    """A re-parameterised model run in channels_last memory format, optionally under bf16 autocast.
+    """A re-parameterised (optionally int8-quantized) model run in channels_last memory format, optionally under
+    bf16 autocast.
 
     Outputs are float32 logits either way; bf16 changes numerics (see the README for the measured top-1
     agreement), fp32 equals the training model to float tolerance."""
@@ -66,18 +69,46 @@ class DeployedModel(nn.Module):
         return out.float()
 
 
+def _enable_freezing() -> None:
+    # inference-only graphs: freezing lets inductor constant-fold weights and fuse oneDNN convs with their
+    # element-wise neighbours (GELU, residual adds), and pattern-match int8 dq → conv → q into oneDNN int8 kernels;
+    # it is process-wide, and only applies under no_grad
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+
+
 def optimize(model: nn.Module, channels_last: bool = True, bf16: bool = False, compile: bool = False,
-             compile_mode: str = "default") -> nn.Module:
+             compile_mode: str = "default", device: Optional[str] = None, int8: Optional[str] = None,
+             calibration: Optional[Iterable[Tensor]] = None, int8_observer: str = "histogram") -> nn.Module:
     """Re-parameterise (a copy of) ``model`` for inference, convert it to channels_last, and optionally
-    run it under bf16 autocast and ``torch.compile`` it. The result is in eval mode and must not be trained."""
-    deployed = reparameterize(model)
-    if channels_last:
+    run it under bf16 autocast and ``torch.compile`` it. The result is in eval mode and must not be trained.
+
+    ``device``: where the deployed model runs (default: where ``model`` is); inputs must be on it.
+    ``int8``: ``"static"`` or ``"dynamic"`` PT2E quantization (:func:`ctxagg.export.quantize.quantize_int8`,
+    calibrated on ``calibration`` with ``int8_observer``); x86 CPUs only, so it refuses any other device. With
+    ``bf16`` the ops left unquantized run in bf16 (int8-mixed-bf16)."""
+    target = torch.device(device) if device else next(model.parameters()).device
+    deployed = reparameterize(model).to(target)
+    if int8 is not None:
+        if target.type != "cpu":
+            raise ConfigError(f"int8 quantization uses the x86 inductor quantizer and runs on the CPU, not "
+                              f"{target}; deploy with bf16 there (optimize(..., bf16=True))")
+        if calibration is None:
+            raise ConfigError("int8 needs calibration batches (images normalised as the model expects)")
+        from .quantize import quantize_int8
+        deployed = quantize_int8(deployed, calibration, mode=int8, channels_last=channels_last, observer=int8_observer)
+    elif channels_last:
         deployed = deployed.to(memory_format=torch.channels_last)
-    wrapped: nn.Module = DeployedModel(deployed, channels_last=channels_last, bf16=bf16).eval()
+    # an uncompiled int8 graph only simulates int8 (fp32 q/dq arithmetic): int8 is always compiled
+    return deploy_module(deployed, channels_last, bf16, compile or int8 is not None, compile_mode)
+
+
+def deploy_module(model: nn.Module, channels_last: bool = True, bf16: bool = False, compile: bool = True,
+                  compile_mode: str = "default") -> nn.Module:
+    """``model`` (already re-parameterised or quantized) wrapped as :class:`DeployedModel` in eval mode and, with
+    ``compile``, compiled by inductor with weight freezing (static shapes)."""
+    wrapped: nn.Module = DeployedModel(model, channels_last=channels_last, bf16=bf16).eval()
     if compile:
-        # inference-only graphs: freezing lets inductor constant-fold weights and fuse oneDNN convs with their
-        # element-wise neighbours (GELU, residual adds); it is process-wide, and only applies under no_grad
-        import torch._inductor.config as inductor_config
-        inductor_config.freezing = True
+        _enable_freezing()
         wrapped = torch.compile(wrapped, mode=compile_mode, dynamic=False)
     return wrapped

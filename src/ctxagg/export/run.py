@@ -10,10 +10,10 @@ from ..errors import ConfigError, RunExistsError
 from .formats import FORMATS, export_model
 from .optimize import reparameterize
 
-__all__ = ["run_export"]
+__all__ = ["run_export", "refuse_existing_file"]
 
 
-def _refuse_existing_file(output: str, overwrite: bool) -> None:
+def refuse_existing_file(output: str, overwrite: bool) -> None:
     taken = [p for p in (Path(output), Path(output + ".data")) if p.exists()]
     if taken and not overwrite:
         raise RunExistsError(f"--output {output} already exists ({', '.join(str(p) for p in taken)}); nothing was "
@@ -32,7 +32,7 @@ def run_export(output: str, model: Optional[str] = None, checkpoint: Optional[st
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
-    _refuse_existing_file(output, overwrite)
+    refuse_existing_file(output, overwrite)
     if checkpoint:
         from ..train.model import load_trained_model
 

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from ..errors import CtxaggError
 
-__all__ = ["atomic_write", "write_metrics_csv", "save_checkpoint", "load_checkpoint", "load_model_weights", "CheckpointError",
-           "tensor_digest", "optimizer_state_to_flat", "optimizer_state_from_flat", "rng_state", "set_rng_state"]
+__all__ = ["atomic_write", "eager_keys", "write_metrics_csv", "save_checkpoint", "load_checkpoint",
+           "load_model_weights", "CheckpointError", "tensor_digest", "optimizer_state_to_flat", "optimizer_state_from_flat", "rng_state",
+           "set_rng_state"]
 
 META_KEY = "ctxagg"
 DIGEST_KEY = "ctxagg.sha256"
@@ -135,6 +136,15 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[str
     return tensors, meta
 
 
+COMPILED_PREFIX = "_orig_mod."  # what torch.compile(module) puts before every key of the wrapped module
+
+
+def eager_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with torch.compile's ``_orig_mod.`` removed from every key (at any depth), so the weights of a
+    ``torch.compile(model)`` wrapper load into the eager model; eager keys pass unchanged."""
+    return {key.replace(COMPILED_PREFIX, ""): value for key, value in state.items()}
+
+
 def _file_kind(path: Path) -> str:
     """'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save / raw pickle) or 'unknown', by content."""
     with open(path, "rb") as f:
@@ -154,7 +164,7 @@ def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors, meta = load_checkpoint(path)
         if any(k.startswith("model.") for k in tensors):
             tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        return tensors, meta
+        return eager_keys(tensors), meta
     try:  # torch files: never unpickle arbitrary objects
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # what weights_only raises for any global it does not allow
@@ -174,7 +184,7 @@ def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors (found {type(obj).__name__})")
-    return obj, {}
+    return eager_keys(obj), {}
 
 
 def load_model_weights(model: nn.Module, path: Union[str, Path], filter_fn=None) -> dict[str, Any]:

@@ -40,6 +40,8 @@ class TrainConfig:
     ema_decay: float = 0.0               # 0 disables EMA
     clip_grad: Optional[float] = None
     amp: bool = False                    # bf16 autocast (CPU and GPU)
+    compile: bool = False                # torch.compile the model (inductor) for training and validation
+    channels_last: bool = False          # channels_last weights and input batches (conv-heavy models)
     sync_bn: bool = False
     fraction: float = 1.0                # fixed-seed stratified subset of the training set
     val_fraction: float = 0.2            # held out when the data has no validation split

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..errors import ConfigError, CtxaggError
 from ..runs import DEFAULT_ROOT, data_tag, on_rank0, output_dir, remove_temp_files, resolve_run_path
 from .budget import PATTERN_FILE, DynamicBudget
-from .checkpoint import (atomic_write, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat,
+from .checkpoint import (atomic_write, eager_keys, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat,
                          rng_state, save_checkpoint, set_rng_state, write_metrics_csv)
 from .config import TrainConfig
 from .data import ArrayDataset, ImageArrays, load_dataset
@@ -45,6 +45,8 @@ __all__ = ["train", "train_one_epoch", "validate_epoch", "save_checkpoints", "bu
            "NonFiniteLossError", "RUNS_ROOT", "RUN_OUTPUTS"]
 
 log = logging.getLogger("ctxagg.train")
+# `--compile`: inductor without weight freezing (the weights change after every step)
+COMPILE_OPTIONS: dict[str, Any] = dict(options={"freezing": False})
 
 RUNS_ROOT = DEFAULT_ROOT  # default runs: runs/<model>-<data>-<YYYYmmdd-HHMMSS>; runs/latest points to the newest
 # every file a run writes (removed by --overwrite; their temp files are left only by a kill mid-write)
@@ -122,6 +124,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True,
     run = _build_run(cfg, out, device, rank, world)
     if resumed:
         _restore(run, *resumed)
+    if cfg.compile:  # in place: the state_dict keys stay the eager model's, so checkpoints load either way
+        run.model.compile(**COMPILE_OPTIONS)
     if world > 1:
         run.model = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
     run.mixup, run.criterion = _criterion(cfg, run.data["num_classes"])
@@ -161,11 +165,13 @@ def _resume_state(resume: str, cfg: TrainConfig) -> tuple[TrainConfig, dict, dic
     if saved.model != cfg.model or saved.data != cfg.data:
         raise ConfigError(f"--resume {ckpt_path}: that run trained {saved.model!r} on {saved.data!r}, "
                           f"not {cfg.model!r} on {cfg.data!r}")
-    # the run's own settings, except where to write, how long to run and how to survive faults
+    # the run's own settings, except where to write, how long to run, how to survive faults and how fast to run
     cfg = TrainConfig(**{**saved.to_json(), "output": cfg.output or str(ckpt_path.parent), "epochs": cfg.epochs,
                          "max_steps": cfg.max_steps, "workers": cfg.workers,
                          "skip_nonfinite": saved.skip_nonfinite or cfg.skip_nonfinite,
-                         "skip_bad_images": saved.skip_bad_images or cfg.skip_bad_images}).resolved()
+                         "skip_bad_images": saved.skip_bad_images or cfg.skip_bad_images,
+                         "compile": saved.compile or cfg.compile,
+                         "channels_last": saved.channels_last or cfg.channels_last}).resolved()
     return cfg, tensors, meta
 
 
@@ -234,6 +240,8 @@ def _build_run(cfg: TrainConfig, out: Path, device: torch.device, rank: int, wor
     if cfg.init:  # before the EMA copies the weights; a resumed run overwrites them with its own
         init_from_ssl(model, cfg.init)
     model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and world > 1:
         if device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on CPU each process "
@@ -261,9 +269,9 @@ def _build_run(cfg: TrainConfig, out: Path, device: torch.device, rank: int, wor
 
 def _restore(run: _Run, tensors: dict, meta: dict) -> None:
     """Weights, EMA, optimiser, RNG streams, metrics history and step count of a resumed run."""
-    run.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    run.model.load_state_dict(eager_keys({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}))
     if run.ema is not None:
-        run.ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        run.ema.module.load_state_dict(eager_keys({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}))
     run.optimizer.load_state_dict(optimizer_state_from_flat(tensors, meta["optimizer"]))
     set_rng_state(tensors, meta["rng"])
     run.history = meta["history"]
@@ -324,6 +332,8 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool = True) -> dict[str, f
 def _forward(run: _Run, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if run.mixup is not None:
         images, targets = run.mixup(images, targets)
+    if run.cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(run.device.type, dtype=torch.bfloat16) if run.cfg.amp else nullcontext():
         logits = run.model(images)
     return run.criterion(logits.float(), targets), logits

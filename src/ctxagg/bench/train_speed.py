@@ -1,0 +1,164 @@
+"""`ctxagg bench train`: training speed and peak memory of one optimiser step (forward + backward + AdamW step) under
+each switch `ctxagg train` offers: eager or ``--compile``, fp32 or bf16 autocast (``--amp``), contiguous or
+``--channels-last``.
+
+Every variant trains its own copy of the same initial weights on the same batch. After warm-up (the first step
+of a compiled variant includes its compilation, reported as ``first_step_s``), timing is **round-robin**: each
+repeat times one step of every variant in turn, so a change in the machine's load (other processes) touches all
+variants alike and the ratios stay comparable.
+
+Peak memory of a step, above what was allocated before it (weights, optimiser state, the batch):
+- CUDA: ``torch.cuda.max_memory_allocated``;
+- CPU: the largest running total of the CPU allocator's allocations recorded by ``torch.profiler``
+  (``profile_memory``) during one step. Unlike :class:`~ctxagg.bench.throughput.PeakTensorBytes` it also sees
+  the buffers a compiled (inductor) graph allocates in C++, so eager and compiled are counted alike; kernels'
+  private scratch (oneDNN) is not counted.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .throughput import build_bench_model, summarise_times, time_passes
+
+__all__ = ["TRAIN_VARIANTS", "TrainVariant", "training_step", "step_peak_bytes", "measure_training",
+           "format_training"]
+
+
+@dataclass(frozen=True)
+class TrainVariant:
+    """One combination of `ctxagg train`'s speed switches."""
+    name: str
+    compile: bool = False
+    bf16: bool = False
+    channels_last: bool = False
+
+
+TRAIN_VARIANTS = {v.name: v for v in (
+    TrainVariant("eager"), TrainVariant("compiled", compile=True),
+    TrainVariant("eager_bf16", bf16=True), TrainVariant("compiled_bf16", compile=True, bf16=True),
+    TrainVariant("eager_cl", channels_last=True), TrainVariant("compiled_cl", compile=True, channels_last=True),
+    TrainVariant("compiled_cl_bf16", compile=True, bf16=True, channels_last=True))}
+
+
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, variant: TrainVariant,
+                  lr: float = 1e-4) -> Callable[[], float]:
+    """A closure doing one AdamW step of ``model`` (trained in place) on ``(x, y)`` as `ctxagg train` does under
+    ``variant``; returns the loss. The model is compiled in place, as ``--compile`` does."""
+    fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
+    model.train().to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    if variant.compile:
+        from ..train.engine import COMPILE_OPTIONS
+        model.compile(**COMPILE_OPTIONS)
+    device_type = x.device.type
+
+    def step() -> float:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant.bf16):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def _walk(nodes):
+    for node in nodes:
+        yield node
+        yield from _walk(node.children)
+
+
+def step_peak_bytes(step: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated during one ``step()`` above what was held before it (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch._C._profiler import _EventType
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    totals = [(n.start_time_ns, n.extra_fields.total_allocated, n.extra_fields.alloc_size)
+              for n in _walk(prof.profiler.kineto_results.experimental_event_tree())
+              if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"]
+    if not totals:
+        return 0
+    totals.sort()
+    base = totals[0][1] - totals[0][2]  # the running total just before the step's first allocation
+    return max(total for _, total, _ in totals) - base
+
+
+def _variant_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, variants: Sequence[TrainVariant],
+                  warmup: int, memory: bool) -> list[dict[str, Any]]:
+    """Build, warm up (timing the first step) and memory-count every variant; returns rows holding their step."""
+    import time
+
+    rows = []
+    for variant in variants:
+        torch.manual_seed(0)
+        net = copy.deepcopy(model)
+        step = training_step(net, x, y, variant)
+        start = time.perf_counter()
+        first_loss = step()
+        first = time.perf_counter() - start
+        for _ in range(max(warmup - 1, 0)):
+            step()
+        peak = step_peak_bytes(step, x.device) if memory else None
+        rows.append(dict(variant=variant.name, compile=variant.compile, bf16=variant.bf16,
+                         channels_last=variant.channels_last, first_step_s=first, first_loss=first_loss,
+                         peak_mb=None if peak is None else peak / 2 ** 20, _step=step, _times=[]))
+    return rows
+
+
+def measure_training(model_name: str, batch_size: int = 32, img_size: int = 224,
+                     variants: Sequence[str] = ("eager", "compiled", "eager_bf16", "compiled_bf16"),
+                     warmup: int = 2, repeats: int = 5, device: str = "cpu", memory: bool = True,
+                     num_classes: int = 1000, model_kwargs: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """One row per variant of ``model_name``: step latency (median, IQR), training img/s, the speed-up over the
+    first variant, peak memory of a step, and the first (compiling) step's seconds."""
+    unknown = [v for v in variants if v not in TRAIN_VARIANTS]
+    if unknown or not variants:
+        raise ConfigError(f"unknown training variants {unknown}; choose from {list(TRAIN_VARIANTS)}")
+    if warmup < 1 or repeats < 1 or batch_size < 1:
+        raise ConfigError("need warmup >= 1 (the first step compiles), repeats >= 1 and batch_size >= 1")
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = build_bench_model(model_name, img_size, num_classes=num_classes, **(model_kwargs or {})).to(dev)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
+    y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    rows = _variant_rows(model, x, y, [TRAIN_VARIANTS[v] for v in variants], warmup, memory)
+    for _ in range(repeats):  # round-robin: one timed step of every variant per round
+        for row in rows:
+            row["_times"] += time_passes(row["_step"], 1, dev)
+    base = None
+    for row in rows:
+        times = row.pop("_times")
+        row.pop("_step")
+        row.update(model=model_name, batch_size=batch_size, img_size=img_size, device=str(dev), repeats=repeats,
+                   threads=torch.get_num_threads(), times_ms=times, **summarise_times(times, batch_size))
+        base = base or row["throughput"]
+        row["speedup"] = row["throughput"] / base
+    return rows
+
+
+def format_training(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table: one line per model and variant."""
+    lines = ["| model | variant | batch | size | step ms (median) | IQR ms | train img/s | × first variant | "
+             "peak MB | first step s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        peak = "—" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+        lines.append(f"| {r['model']} | {r['variant']} | {r['batch_size']} | {r['img_size']} | {r['latency_ms']:.0f} | "
+                     f"{r['latency_iqr_ms']:.0f} | {r['throughput']:.2f} | {r['speedup']:.2f}× | {peak} | "
+                     f"{r['first_step_s']:.1f} |")
+    return "\n".join(lines)
