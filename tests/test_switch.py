@@ -292,6 +292,14 @@ def test_fixing_keeps_the_most_likely_paths_within_the_budget():
             path.block.switch.log_alpha.fill_(value)
     assert b.fix() == [True, False, True, False]
     assert b.fixed and b.pattern_macs(b.current_pattern()) <= b.budget
+    # room for paths 1, 2 and 3 exactly: dropping by P(on) removes 1, 3, 2 and then 0 (the budget cannot hold it);
+    # switching back on, most likely first, restores 2, 3 and 1, which fit together
+    model, b = _budget(budget=1.0)
+    b.budget = b.static_macs + costs[1] + costs[2] + costs[3]
+    with torch.no_grad():
+        for path, value in zip(b.paths, [6.0, 2.5, 5.0, 3.0]):
+            path.block.switch.log_alpha.fill_(value)
+    assert b.fix() == [False, True, True, True] and b.pattern_macs([False, True, True, True]) == b.budget
     model, b = _budget()  # no budget: the evaluation value decides alone
     with torch.no_grad():
         b.paths[1].block.switch.log_alpha.fill_(-3.0)

@@ -15,8 +15,9 @@ training loss pays for what the kept paths cost at the training resolution:
   2020, "Structured Pruning of Large Language Models"); without a budget, loss += λ·E[MACs_dyn]/C_dyn (C_dyn: the
   cost of every dynamic path, so λ is the loss the whole dynamic compute is worth);
 - at ``--dynamic-search`` of the run the switches are fixed: on where their evaluation value is > 0, then, with a
-  budget, the least likely on-path is switched off until the pattern fits (so measured MACs ≤ B); the rest of the
-  run trains the weights of that fixed architecture.
+  budget, the least likely on-paths are switched off until the pattern fits (so measured MACs ≤ B) and those that
+  still fit are switched back on, most likely first; the rest of the run trains the weights of that fixed
+  architecture.
 """
 from __future__ import annotations
 
@@ -159,14 +160,20 @@ class DynamicBudget:
     @torch.no_grad()
     def fix(self) -> list[bool]:
         """Fix every switch: on where its evaluation value is > 0; with a budget, switch off the on-paths least
-        likely to be on (the most expensive first among equals) until the pattern fits. Returns the pattern."""
+        likely to be on (the most expensive first among equals) until the pattern fits, then switch back on, most
+        likely first, those of them that still fit (so no path is dropped that the budget has room for). Returns
+        the pattern."""
         on = self.current_pattern()
         if self.budget is not None:
             probs = [p.block.switch.prob_on().item() for p in self.paths]
+            dropped = []
             for i in sorted((i for i, keep in enumerate(on) if keep), key=lambda i: (probs[i], -self.paths[i].macs)):
                 if self.pattern_macs(on) <= self.budget:
                     break
                 on[i] = False
+                dropped.append(i)
+            for i in reversed(dropped):
+                on[i] = self.pattern_macs(on) + self.paths[i].macs <= self.budget
         for path, keep in zip(self.paths, on):
             path.block.switch.fix(keep)
         return on
