@@ -89,8 +89,8 @@ def _mixture(gate="convex", log_alpha=0.0):
     mix = build_affinity("mix(sa,dw5)", dim=DIM, heads=HEADS, grid=GRID, gate=gate, switch=True).double()
     with torch.no_grad():
         mix.switch.log_alpha.fill_(log_alpha)
-        if gate == "convex":
-            mix.gate_logit.fill_(0.4)
+        if gate != "free":
+            mix.gate_logit.copy_(torch.linspace(0.4, -0.6, mix.gate_logit.numel()))  # per head: distinct values
     return mix.eval()
 
 
@@ -111,7 +111,7 @@ def test_switched_mixture_weights_are_z_alpha_and_stay_convex():
     assert isinstance(build_affinity("mix(sa,dw5)", dim=DIM, heads=HEADS).switch, type(None))  # default: none
 
 
-@pytest.mark.parametrize("gate", ["convex", "free"])
+@pytest.mark.parametrize("gate", ["convex", "free", "per_head"])
 def test_fold_switch_is_exact(gate):
     v, q, k = _vqk()
     mix = _mixture(gate, log_alpha=0.0)
@@ -154,7 +154,7 @@ def _static_block(switched: AggregationBlock, beta: float, proj: str) -> Aggrega
 
 
 @pytest.mark.parametrize("gate, beta, proj", [("convex", 1.0, "linear"), ("free", 0.5, "linear"),
-                                              ("convex", 1.0, "conv3")])
+                                              ("per_head", 1.0, "linear"), ("convex", 1.0, "conv3")])
 def test_a_switched_off_block_is_exactly_the_static_only_block_and_deploys_without_dynamic_weights(gate, beta, proj):
     x = torch.randn(2, DIM, 6, 5, dtype=torch.float64)
     block = _block(-3.0, gate, proj)

@@ -93,9 +93,9 @@ class AggregationBlock(nn.Module):
             mixture.fold_switch()
             return
         mixture.switch.eval()  # β' at the switch's evaluation value z = 0 (the mixture is dropped below)
-        beta = mixture.weights()[1]
+        beta = mixture.weights()[1]  # one entry, or one per head (per_head gate): scale proj_out's input channels
         self.proj_in = _last_output(self.proj_in, mixture.dim)
-        self.proj_out.weight.mul_(beta)
+        self.proj_out.weight.mul_(beta.repeat_interleave(mixture.dim // beta.numel()).view(1, -1, 1, 1))
         self.affinity, self.uses_value, self.kernels_from_values = mixture.static_affinity, True, False
 
     @torch.no_grad()
