@@ -125,6 +125,9 @@ class AffinityMixture(Affinity):
         else:
             self.alpha = nn.Parameter(torch.full((1,), 0.5))
             self.beta = nn.Parameter(torch.full((1,), 0.5))
+        # relaxation: hard concrete / L0 (Louizos et al. 2018): exact zeros, and a closed-form P(z ≠ 0) to put a price
+        # on (straight-through Gumbel has neither; an L1 penalty on α never reaches 0, so a threshold would change
+        # the function at deployment)
         self.switch = HardConcreteSwitch() if switch else None
 
     def extra_repr(self) -> str:
