@@ -125,6 +125,10 @@ def test_static_int8_agrees_with_fp32_on_a_fixed_batch(trained_tiny):
     assert report["images"] == 128
     assert report["agreement"] >= 0.97
     assert 0 < report["max_rel_logit_error"] < 0.15
+    # the graph holds int8 weights only (convert_pt2e's leftover fp32 copies are dropped): well under fp32's bytes
+    def size(module):
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    assert size(quantized) < 0.6 * size(trained_tiny)
     # calibrating on images 50× too small clips every real activation: the scales come from the data given
     badly = quantize_int8(trained_tiny, [c * 0.02 for c in calibration], observer="minmax")
     worse = top1_agreement(trained_tiny, badly, [held_out])
@@ -219,7 +223,9 @@ def test_compiled_training_gives_the_eager_losses(tmp_path, compile_backend):
     for key in ("train_loss", "val_loss"):
         assert [h[key] for h in compiled.history] == pytest.approx([h[key] for h in eager.history], rel=1e-4), key
     # the checkpoint of a compiled run has the eager model's keys and loads into it
-    fresh = timm.create_model("container_light", num_classes=10, **TINY_CONTAINER)
+    from ctxagg.train.model import build_model
+
+    fresh = build_model(_deterministic(tmp_path, "eager").resolved(), 10)
     load_model_weights(fresh, tmp_path / "compiled" / "model.safetensors")
 
 

@@ -13,7 +13,6 @@ a model, dynamic int8 of its linears, and the row says which ran. ``opt_int8_bf1
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import timm
@@ -43,28 +42,25 @@ VARIANTS: dict[str, tuple[Optional[dict[str, Any]], str]] = {
 LATENCY_VARIANTS = ("eager_fp32", "opt_fp32", "opt_bf16", "opt_int8", "opt_int8_bf16")
 
 
-def _median_rate(fn: Callable[[], Any], macs: float, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return macs / sorted(times)[repeats // 2] / 1e9
+def _median_rate(fn: Callable[[], Any], macs: float, repeats: int, device: torch.device) -> float:
+    time_passes(fn, 2, device)
+    return macs / sorted(time_passes(fn, repeats, device))[repeats // 2] * 1e3 / 1e9
 
 
-def matmul_peak_gmacs(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:
-    """Median multiply-accumulates per second (G) of an n×n×n matmul: the machine's practical peak. ``torch.int8``:
-    oneDNN's u8×s8 int8 linear (the kernel inductor emits for a quantized linear; VNNI where the CPU has it)."""
+def matmul_peak_gmacs(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7, device: str = "cpu"
+                      ) -> float:
+    """Median multiply-accumulates per second (G) of an n×n×n matmul on ``device``: the machine's practical peak.
+    ``torch.int8`` (CPU): oneDNN's u8×s8 int8 linear (the kernel inductor emits for a quantized linear; VNNI where
+    the CPU has it)."""
+    dev = torch.device(device)
     if dtype == torch.int8:
         x = torch.randint(0, 255, (n, n), dtype=torch.uint8)
         weight = torch.ops.onednn.qlinear_prepack(torch.randint(-128, 127, (n, n), dtype=torch.int8), [n, n])
         scales, zeros = torch.full((n,), 0.01), torch.zeros(n, dtype=torch.long)
         return _median_rate(lambda: torch.ops.onednn.qlinear_pointwise(
-            x, 0.1, 0, weight, scales, zeros, None, 1.0, 0, torch.float32, "none", [], ""), n ** 3, repeats)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return _median_rate(lambda: a @ b, n ** 3, repeats)
+            x, 0.1, 0, weight, scales, zeros, None, 1.0, 0, torch.float32, "none", [], ""), n ** 3, repeats, dev)
+    a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+    return _median_rate(lambda: a @ b, n ** 3, repeats, dev)
 
 
 def _build_variants(model: nn.Module, names: Sequence[str], batch: tuple[int, int], device: str, compile: bool
@@ -117,7 +113,7 @@ def _measure_model(name: str, batch_size: int, img_size: int, variants: Sequence
     for key, times in _round_robin(built, x, warmup, repeats).items():
         row[f"{key}_img_s"] = summarise_times(times, batch_size)["throughput"]
         row[f"{key}_peak_frac"] = gmacs * row[f"{key}_img_s"] / peaks[VARIANTS[key][1]]
-        row[f"{key}_speedup"] = row[f"{key}_img_s"] / row[f"eager_fp32_img_s"] if "eager_fp32" in built else None
+        row[f"{key}_speedup"] = row[f"{key}_img_s"] / row["eager_fp32_img_s"] if "eager_fp32" in built else None
     if latency_batch:
         one = torch.randn(latency_batch, 3, img_size, img_size, device=device)
         chosen = {k: v for k, v in built.items() if k in LATENCY_VARIANTS}
@@ -138,7 +134,8 @@ def compare_eager(models: Sequence[str] = DEFAULT_MODELS, batch_size: int = 32, 
     CPUs only."""
     dev = torch.device(device)
     int8 = int8 and compile and dev.type == "cpu"
-    peaks = dict(fp32=matmul_peak_gmacs(torch.float32), bf16=matmul_peak_gmacs(torch.bfloat16))
+    peaks = dict(fp32=matmul_peak_gmacs(torch.float32, device=device),
+                 bf16=matmul_peak_gmacs(torch.bfloat16, device=device))
     if int8:
         peaks["int8"] = matmul_peak_gmacs(torch.int8)
     variants = [v for v in VARIANTS if "int8" not in v or int8]
@@ -180,7 +177,7 @@ def format_latency(rows: Sequence[dict[str, Any]]) -> str:
     variants = [v for v in LATENCY_VARIANTS if rows and f"{v}_latency_ms" in rows[0]]
     if not variants:
         return ""
-    lines = [f"| model | batch | " + " | ".join(f"{_LABELS[v]} ms" for v in variants) + " |",
+    lines = ["| model | batch | " + " | ".join(f"{_LABELS[v]} ms" for v in variants) + " |",
              "|---|---:|" + "---:|" * len(variants)]
     for r in rows:
         lines.append(f"| {r['model']} | {r['latency_batch']} | "

@@ -120,4 +120,8 @@ def load_int8_program(path: str) -> nn.Module:
     from .quantize import require_torchao
 
     require_torchao()  # registers the quantized ops and inductor passes the program refers to
-    return torch.export.load(path).module()
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    module = torch.export.load(path).module()
+    allow_exported_model_train_eval(module)
+    return module

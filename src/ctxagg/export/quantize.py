@@ -86,6 +86,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], mode: str = "
     with ``int8=True`` does both, after re-parameterising: pass a folded model, :func:`reparameterize`, for the
     fewest quantize/dequantize steps). ``observer``: how static calibration turns activations into ranges
     (:data:`INT8_OBSERVERS`)."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = _quantizer(mode, observer)
@@ -104,7 +105,8 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], mode: str = "
         seen += 1
         if max_batches is not None and seen >= max_batches:
             break
-    converted = convert_pt2e(_batch_norms_as_affine(prepared))
+    converted = _drop_unused_tensors(convert_pt2e(_batch_norms_as_affine(prepared)))
+    allow_exported_model_train_eval(converted)  # .eval() on an exported graph raises otherwise (wrappers call it)
     converted.int8_mode = mode  # what the caller asked for, readable from the result
     converted.calibration_batches = seen
     return converted
@@ -140,6 +142,18 @@ def _batch_norms_as_affine(graph_module: torch.fx.GraphModule) -> torch.fx.Graph
         graph.erase_node(node)
     graph.eliminate_dead_code()
     graph_module.recompile()
+    return graph_module
+
+
+def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove the parameters and buffers no graph node reads: ``convert_pt2e`` keeps each fp32 weight next to the
+    int8 copy the graph uses, which would make a saved int8 program larger than the fp32 model."""
+    used = {n.target for n in graph_module.graph.nodes if n.op == "get_attr"}
+    for name in [k for k in graph_module.state_dict(keep_vars=True) if k not in used]:
+        owner, _, attr = name.rpartition(".")
+        module = graph_module.get_submodule(owner) if owner else graph_module
+        module._parameters.pop(attr, None)
+        module._buffers.pop(attr, None)
     return graph_module
 
 
