@@ -107,7 +107,7 @@ def plot_switch_map(rows: Sequence[dict[str, Any]], path: Path, title: str = "dy
     starts = np.concatenate([[0], np.cumsum(stages)[:-1]])
     ax.set_xticks([s + (n - 1) / 2 for s, n in zip(starts, stages)], [f"stage {i + 1}" for i in range(len(stages))],
                   fontsize=7)
-    ax.set_title(f"{title}\ndark: α·A_dyn + β·A_static, light: static only (one cell per block)", fontsize=8)
+    ax.set_title(f"{title}\ndark: α·A_dyn + β·A_static\nlight: static only (one cell per block)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
