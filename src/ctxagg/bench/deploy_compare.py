@@ -9,7 +9,9 @@ variants stay comparable even on a shared machine.
 int8 (x86 CPUs only; :mod:`ctxagg.export.quantize`): static PT2E quantization, calibrated here on two batches of
 random normal images with min/max observers (calibration sets the scales, not the speed; accuracy is measured
 by `ctxagg export --int8` on real images with the default histogram observers); where the static flow fails for
-a model, dynamic int8 of its linears, and the row says which ran. ``opt_int8_bf16`` runs the ops left unquantized (attention, norms, GELU) in bf16.
+a model, dynamic int8 of its linears, and the row says which ran. ``opt_int8_bf16`` runs the ops left
+unquantized (attention, norms, GELU) in bf16. A variant that fails to compile is reported as failed, with its
+error in the row's ``errors``, and the others are still measured.
 """
 from __future__ import annotations
 
@@ -86,11 +88,17 @@ def _build_variants(model: nn.Module, names: Sequence[str], batch: tuple[int, in
 
 
 @torch.no_grad()
-def _round_robin(built: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Per-variant pass times (ms): ``warmup`` untimed passes each (the first compiles), then ``repeats`` rounds."""
-    for net in built.values():
-        for _ in range(max(warmup, 1)):
-            net(x)
+def _round_robin(built: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int,
+                 errors: dict[str, str]) -> dict[str, list[float]]:
+    """Per-variant pass times (ms): ``warmup`` untimed passes each (the first compiles), then ``repeats`` rounds.
+    A variant whose compilation or first pass fails is left out, its error kept in ``errors``."""
+    for name, net in list(built.items()):
+        try:
+            for _ in range(max(warmup, 1)):
+                net(x)
+        except Exception as exc:  # noqa: BLE001 - e.g. an inductor lowering bug for one precision
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            del built[name]
     times: dict[str, list[float]] = {name: [] for name in built}
     for _ in range(repeats):
         for name, net in built.items():
@@ -110,14 +118,17 @@ def _measure_model(name: str, batch_size: int, img_size: int, variants: Sequence
                                batch_size=batch_size, img_size=img_size, device=device)
     built, row["int8_mode"] = _build_variants(model, variants, (batch_size, img_size), device, compile)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    for key, times in _round_robin(built, x, warmup, repeats).items():
+    row["errors"] = {}
+    for key, times in _round_robin(built, x, warmup, repeats, row["errors"]).items():
         row[f"{key}_img_s"] = summarise_times(times, batch_size)["throughput"]
         row[f"{key}_peak_frac"] = gmacs * row[f"{key}_img_s"] / peaks[VARIANTS[key][1]]
         row[f"{key}_speedup"] = row[f"{key}_img_s"] / row["eager_fp32_img_s"] if "eager_fp32" in built else None
-    if latency_batch:
+    if latency_batch:  # freshly built: a frozen int8 graph cannot be recompiled for another shape
+        del built
         one = torch.randn(latency_batch, 3, img_size, img_size, device=device)
-        chosen = {k: v for k, v in built.items() if k in LATENCY_VARIANTS}
-        for key, times in _round_robin(chosen, one, warmup, repeats).items():
+        chosen, _ = _build_variants(model, [v for v in variants if v in LATENCY_VARIANTS],
+                                    (latency_batch, img_size), device, compile)
+        for key, times in _round_robin(chosen, one, warmup, repeats, row["errors"]).items():
             row[f"{key}_latency_ms"] = summarise_times(times, latency_batch)["latency_ms"]
         row["latency_batch"] = latency_batch
     return row
@@ -145,7 +156,8 @@ def compare_eager(models: Sequence[str] = DEFAULT_MODELS, batch_size: int = 32, 
         rows.append(_measure_model(name, batch_size, img_size, variants, warmup, repeats, device, latency_batch,
                                    peaks, compile))
         if echo is not None:
-            echo(format_compare(rows[-1:], peaks, header=len(rows) == 1))
+            echo(format_compare(rows[-1:], peaks, header=len(rows) == 1)
+                 + "".join(f"\n  {name} {variant} failed: {error}" for variant, error in rows[-1]["errors"].items()))
     return dict(peak_gmacs=peaks, threads=torch.get_num_threads(), compiled=compile, variants=variants,
                 device=device, timing="round-robin over variants", rows=rows)
 
@@ -156,7 +168,7 @@ _LABELS = dict(eager_fp32="eager fp32", opt_fp32="opt fp32", opt_bf16="opt bf16"
 
 def format_compare(rows: Sequence[dict[str, Any]], peaks: dict[str, float], header: bool = True) -> str:
     """Markdown: one line per model, img/s of each variant (× eager fp32), % of the matching matmul peak."""
-    variants = [v for v in VARIANTS if rows and f"{v}_img_s" in rows[0]]
+    variants = [v for v in VARIANTS if any(f"{v}_img_s" in r or v in r.get("errors", {}) for r in rows)]
     lines = []
     if header:
         lines += ["matmul peak (2048³): " + ", ".join(f"{k} {v:.1f} GMAC/s" for k, v in peaks.items()),
@@ -164,9 +176,9 @@ def format_compare(rows: Sequence[dict[str, Any]], peaks: dict[str, float], head
                   + " | % of peak: " + " / ".join(_LABELS[v] for v in variants) + " |",
                   "|---|---|---:|---:|" + "---:|" * len(variants) + "---:|"]
     for r in rows:
-        cells = [f"{r[f'{v}_img_s']:.1f}" + (f" ({r[f'{v}_speedup']:.2f}×)" if v != "eager_fp32" and
-                                             r.get(f"{v}_speedup") else "") for v in variants]
-        fracs = " / ".join(f"{100 * r[f'{v}_peak_frac']:.0f}%" for v in variants)
+        cells = [("failed" if f"{v}_img_s" not in r else f"{r[f'{v}_img_s']:.1f}" + (
+            f" ({r[f'{v}_speedup']:.2f}×)" if v != "eager_fp32" and r.get(f"{v}_speedup") else "")) for v in variants]
+        fracs = " / ".join(f"{100 * r[f'{v}_peak_frac']:.0f}%" if f"{v}_img_s" in r else "—" for v in variants)
         lines.append(f"| {r['model']} | {r['source']} | {r['params_m']:.1f} | {r['gmacs']:.2f} | " + " | ".join(cells)
                      + f" | {fracs} |")
     return "\n".join(lines)
@@ -174,12 +186,12 @@ def format_compare(rows: Sequence[dict[str, Any]], peaks: dict[str, float], head
 
 def format_latency(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: batch-1 (``latency_batch``) latency in ms of each variant, one line per model."""
-    variants = [v for v in LATENCY_VARIANTS if rows and f"{v}_latency_ms" in rows[0]]
+    variants = [v for v in LATENCY_VARIANTS if any(f"{v}_latency_ms" in r or v in r.get("errors", {}) for r in rows)]
     if not variants:
         return ""
     lines = ["| model | batch | " + " | ".join(f"{_LABELS[v]} ms" for v in variants) + " |",
              "|---|---:|" + "---:|" * len(variants)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['latency_batch']} | "
-                     + " | ".join(f"{r[f'{v}_latency_ms']:.1f}" for v in variants) + " |")
+        lines.append(f"| {r['model']} | {r['latency_batch']} | " + " | ".join(
+            f"{r[f'{v}_latency_ms']:.1f}" if f"{v}_latency_ms" in r else "failed" for v in variants) + " |")
     return "\n".join(lines)
