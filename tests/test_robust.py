@@ -733,7 +733,8 @@ def test_old_bench_flags_get_a_message_naming_the_new_subcommand(capsys):
                        (["bench", "--models", "container_light", "--out", "x"], "throughput")):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "ctxagg bench {throughput,sweep,deploy,dense}" in err and f"use `ctxagg bench {tool} ...`" in err, err
+        assert "ctxagg bench {throughput,sweep,deploy,dense,train}" in err, err
+        assert f"use `ctxagg bench {tool} ...`" in err, err
 
 
 def test_out_is_an_alias_of_output_with_a_note(tmp_path, capsys):
