@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .base import Affinity
 from .registry import AffinityContext, register_affinity
 
-__all__ = ["DepthwiseConvAffinity", "conv_toeplitz"]
+__all__ = ["DepthwiseConvAffinity", "ChannelBias", "conv_toeplitz"]
 
 
 def conv_toeplitz(kernel: Tensor, height: int, width: int) -> Tensor:
@@ -39,7 +39,22 @@ def conv_toeplitz(kernel: Tensor, height: int, width: int) -> Tensor:
     return a
 
 
-class DepthwiseConvAffinity(Affinity):
+class ChannelBias:
+    """Mixin for convolution affinities whose ``self.bias`` (shape (C,) or None) is added after ``A·V``: it is the
+    :meth:`~ctxagg.affinity.Affinity.bias_term`, and :meth:`~ctxagg.affinity.Affinity.pop_bias` removes it."""
+
+    bias: Optional[nn.Parameter]
+
+    def bias_term(self) -> Optional[Tensor]:
+        return self.bias
+
+    @torch.no_grad()
+    def pop_bias(self) -> Optional[Tensor]:
+        bias, self.bias = self.bias, None
+        return None if bias is None else bias.detach()
+
+
+class DepthwiseConvAffinity(ChannelBias, Affinity):
     """k×k depthwise convolution (``heads == dim``, Container Eq. 7) or multi-head depthwise
     convolution (``heads < dim``: one kernel per head, shared by the C/M channels of that head —
     Container §3.3 "MH-DW shares kernel weights").
@@ -77,14 +92,6 @@ class DepthwiseConvAffinity(Affinity):
         if len(v_shape) != 4:
             raise ValueError("a convolution affinity needs a (B, C, H, W) shape to build its matrix")
         return conv_toeplitz(self.weight[:, 0], v_shape[2], v_shape[3]).unsqueeze(0)
-
-    def bias_term(self) -> Optional[Tensor]:
-        return self.bias
-
-    @torch.no_grad()
-    def pop_bias(self) -> Optional[Tensor]:
-        bias, self.bias = self.bias, None
-        return None if bias is None else bias.detach()
 
     def macs(self, tokens: int) -> int:
         return tokens * self.dim * self.kernel_size ** 2

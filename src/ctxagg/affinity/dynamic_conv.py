@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Affinity
-from .depthwise import conv_toeplitz
+from .depthwise import ChannelBias, conv_toeplitz
 from .registry import AffinityContext, register_affinity
 
 __all__ = ["per_image_conv", "PooledGenerator", "DynamicConvAffinity", "DynamicDepthwiseConv"]
@@ -54,7 +54,7 @@ class PooledGenerator(nn.Module):
         return self.fc2(F.relu(self.norm(self.fc1(q.mean((2, 3))))))
 
 
-class _PerImageConv(Affinity):
+class _PerImageConv(ChannelBias, Affinity):
     """Shared contract of the dynamic convolutions: ``forward(v, q=None)`` convolves ``v`` (B, C, H, W) with
     kernels generated from ``q`` (None: from ``v`` itself), zero 'same' padding, stride 1, any H×W; plus a
     static per-channel bias. Subclasses give :meth:`kernels` (B, C, C_in/groups, k, k) and the groups."""
@@ -91,14 +91,6 @@ class _PerImageConv(Affinity):
         self.check_input(v)
         weight = self.kernels(v if q is None or q is v else self._source(v.shape, q))  # (B, C, C_in/g, k, k)
         return self.add_bias(per_image_conv(v, weight, self.kernel_size // 2, self.groups), self.bias)
-
-    def bias_term(self) -> Optional[Tensor]:
-        return self.bias
-
-    @torch.no_grad()
-    def pop_bias(self) -> Optional[Tensor]:
-        bias, self.bias = self.bias, None
-        return None if bias is None else bias.detach()
 
 
 class DynamicConvAffinity(_PerImageConv):
