@@ -135,6 +135,24 @@ def test_static_int8_agrees_with_fp32_on_a_fixed_batch(trained_tiny):
     assert worse["max_rel_logit_error"] > 2 * report["max_rel_logit_error"]
 
 
+def test_static_int8_quantizes_every_conv_including_the_depthwise_ones():
+    """Every conv's activation and weight arrive through dequantize nodes, the depth-wise ones too (torchao's own
+    search for convs outside fusion patterns keys on metadata non-strict export does not record, which left all
+    36 depth-wise convs of Container-Light in fp32)."""
+    from ctxagg.export import reparameterize
+
+    torch.manual_seed(0)
+    model = reparameterize(timm.create_model("container_light", num_classes=10, img_size=32, **TINY_CONTAINER))
+    quantized = quantize_int8(model, [torch.randn(2, 3, 32, 32)], observer="minmax")
+    convs = [n for n in quantized.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    depthwise = [n for n in convs if len(n.args) > 6 and n.args[6] > 1]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules()) + 4  # + the 4 dw5 affinities
+    assert len(depthwise) == 8  # per block: the folded positional conv and the dw5 affinity
+    dequantize = (Q.dequantize_per_tensor.default, Q.dequantize_per_channel.default)
+    for node in convs:
+        assert node.args[0].target in dequantize and node.args[1].target in dequantize, node.name
+
+
 def test_dynamic_int8_quantizes_only_linears_and_needs_one_batch():
     torch.manual_seed(0)
     model = timm.create_model("deit_s", num_classes=10, img_size=32, patch_size=8, depth=2).eval()
@@ -261,8 +279,30 @@ def test_training_bench_rows_and_its_memory_count_agree_with_the_tensor_count():
         measure_training("container_light", variants=("fast",))
 
 
+def test_training_bench_breakdown_ceiling_and_fraction_of_peak():
+    from ctxagg.bench.complexity import count_gmacs
+    from ctxagg.bench.throughput import build_bench_model
+    from ctxagg.bench.train_speed import format_training, measure_training
+
+    peaks = dict(fp32=2.0, bf16=8.0)
+    rows = measure_training("resnet18", 2, 32, ("eager", "eager_bf16"), warmup=1, repeats=1, num_classes=10,
+                            memory=False, peaks=peaks)
+    gmacs = count_gmacs(build_bench_model("resnet18", 32, num_classes=10), (3, 32, 32))
+    for row, peak in zip(rows, (2.0, 8.0)):
+        assert row["train_gmacs_per_img"] == pytest.approx(3 * gmacs)
+        assert row["peak_frac"] == pytest.approx(3 * gmacs * row["throughput"] / peak)
+        assert 0 < row["kernel_ms"] < row["step_ms"]  # resnet18's convs and the rest (optimiser, BN, ReLU)
+        assert row["kernel_ms"] + row["other_ms"] == pytest.approx(row["step_ms"])
+        assert row["ceiling"] == pytest.approx(rows[0]["step_ms"] / row["kernel_ms"])
+    table = format_training(rows)
+    assert table.count("\n") == 3 and f"{rows[1]['ceiling']:.2f}×" in table
+    assert "—" in format_training(measure_training("resnet18", 2, 32, ("eager",), warmup=1, repeats=1,
+                                                   num_classes=10, memory=False, breakdown=False))
+
+
 def test_deploy_compare_has_params_latency_and_marks_peers():
-    from ctxagg.bench.deploy_compare import PEER_MODELS, compare_eager, format_compare, format_latency
+    from ctxagg.bench.deploy_compare import (PEER_MODELS, compare_eager, format_breakdown, format_compare,
+                                             format_latency)
 
     assert {"resnet50", "convnext_tiny", "deit_small_patch16_224", "swin_tiny_patch4_window7_224"} <= set(PEER_MODELS)
     result = compare_eager(["container_dw3", "resnet18"], batch_size=2, img_size=64, warmup=0, repeats=1,
@@ -274,3 +314,27 @@ def test_deploy_compare_has_params_latency_and_marks_peers():
     assert all(ours[f"{v}_latency_ms"] > 0 for v in ("eager_fp32", "opt_fp32", "opt_bf16"))
     assert "| resnet18 | timm |" in format_compare(result["rows"], result["peak_gmacs"])
     assert format_latency(result["rows"]).count("\n") == 3
+    for row in result["rows"]:  # the breakdown: one profiled pass of each variant, its ceiling over opt bf16
+        for v in ("eager_fp32", "opt_fp32", "opt_bf16"):
+            assert 0 < row[f"{v}_kernel_ms"] < row[f"{v}_pass_ms"]
+            assert row[f"{v}_kernel_ms"] + row[f"{v}_other_ms"] == pytest.approx(row[f"{v}_pass_ms"])
+            assert row[f"{v}_ceiling_over_bf16"] == pytest.approx(row["opt_bf16_pass_ms"] / row[f"{v}_kernel_ms"])
+    assert format_breakdown(result["rows"]).count("\n") == 1 + 2 * 3
+
+
+def test_kernel_split_separates_mac_kernels_from_the_rest():
+    from ctxagg.bench.kernel_split import ceiling, is_mac_kernel, kernel_split
+
+    for name in ("aten::mkldnn_convolution", "aten::convolution_backward", "onednn::qconv_pointwise",
+                 "onednn::qlinear_pointwise", "aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu"):
+        assert is_mac_kernel(name), name
+    for name in ("aten::gelu", "aten::addcmul_", "aten::add_", "## Call CompiledFxGraph abc ##", "aten::copy_",
+                 "aten::native_batch_norm", "aten::lerp_"):
+        assert not is_mac_kernel(name), name
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    split = kernel_split(lambda: (a @ b).exp().add_(1), torch.device("cpu"))
+    assert split["kernel_ms"] > 0 and split["other_ms"] > 0
+    assert split["kernel_ms"] + split["other_ms"] == pytest.approx(split["total_ms"])
+    assert kernel_split(lambda: a.exp().add_(1), torch.device("cpu"))["kernel_ms"] == 0
+    assert ceiling(10.0, 4.0) == 2.5 and ceiling(10.0, 0.0) == float("inf")

@@ -133,11 +133,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.tool == "deploy":
         report = commands.run_deploy(_models(args.models) if args.models else None, args.batch_size, args.img_size,
                                      args.warmup, args.repeats, not args.no_compile, args.output, args.overwrite,
-                                     not args.no_int8, args.latency_batch or None, args.device, args.peers)
+                                     not args.no_int8, args.latency_batch or None, args.device, args.peers,
+                                     not args.no_breakdown)
     elif args.tool == "train":
         report = commands.run_train_bench(_models(args.models), args.batch_size, args.img_size, _csv(args.variants),
                                           args.warmup, args.repeats, args.device, not args.no_memory, args.output,
-                                          args.overwrite)
+                                          args.overwrite, breakdown=not args.no_breakdown)
     else:
         report = commands.run_throughput(
             _models(args.models), _csv(args.batch_sizes, int), _csv(args.img_sizes, int), _csv(args.dtypes),
@@ -199,6 +200,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                                         "resnet50, convnext_tiny, deit_small_patch16_224, pvt_v2_b2, "
                                                         "twins_svt_small, swin_tiny_patch4_window7_224")
     d.add_argument("--device", default="cpu", help="cpu or cuda[:N] (int8 variants run on CPUs only)")
+    _add_no_breakdown(d, "compiled bf16")
     _bench_common(d, warmup=1, repeats=3)
     _add_bench_train(tools)
     n = _add_parser(tools, "dense", help="backbones as detectors see them, at 512×512 and 800×1333",
@@ -232,7 +234,14 @@ def _add_bench_train(tools: argparse._SubParsersAction) -> None:
                    help=f"comma-separated, from {', '.join(TRAIN_VARIANTS)}")
     r.add_argument("--device", default="cpu")
     r.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    _add_no_breakdown(r, "the first variant")
     _bench_common(r, warmup=2, repeats=5)
+
+
+def _add_no_breakdown(parser: argparse.ArgumentParser, reference: str) -> None:
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the profiled pass that splits each variant's time into dense MAC kernels "
+                             f"(conv, matmul, attention) and the rest, with its ceiling over {reference}")
 
 
 def _old_bench_usage(argv: Sequence[str]) -> Optional[str]:

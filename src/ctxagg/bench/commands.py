@@ -90,7 +90,7 @@ def run_sweep(sizes: Sequence[int] = (224, 320, 448, 640, 800), batch: int = 16,
 def run_deploy(models: Optional[Sequence[str]] = None, batch: int = 32, size: int = 224, warmup: int = 1,
                repeats: int = 3, compile: bool = True, output: Optional[str] = None, overwrite: bool = False,
                int8: bool = True, latency_batch: Optional[int] = 1, device: str = "cpu", peers: bool = False,
-               echo: Optional[Echo] = print) -> dict[str, Any]:
+               breakdown: bool = True, echo: Optional[Echo] = print) -> dict[str, Any]:
     """:func:`ctxagg.bench.deploy_compare.compare_eager` (default models: its ``DEFAULT_MODELS``; ``peers`` adds
     timm's ``PEER_MODELS``), written as JSON. Returns the comparison with ``files``."""
     from .deploy_compare import DEFAULT_MODELS, compare_eager, format_latency
@@ -98,7 +98,7 @@ def run_deploy(models: Optional[Sequence[str]] = None, batch: int = 32, size: in
     out = output_dir(output, "bench", "deploy", overwrite=overwrite, outputs=DEPLOY_OUTPUTS)
     result = compare_eager(list(models or DEFAULT_MODELS), batch, size, warmup=warmup, repeats=repeats,
                            compile=compile, int8=int8, latency_batch=latency_batch, device=device, peers=peers,
-                           echo=echo)
+                           breakdown=breakdown, echo=echo)
     latency = format_latency(result["rows"])
     if latency:
         _say(echo, f"\nlatency at batch {latency_batch} (median of {repeats}):\n{latency}")
@@ -110,22 +110,28 @@ def run_deploy(models: Optional[Sequence[str]] = None, batch: int = 32, size: in
 def run_train_bench(models: Sequence[str], batch: int = 32, size: int = 224,
                     variants: Sequence[str] = ("eager", "compiled", "eager_bf16", "compiled_bf16"), warmup: int = 2,
                     repeats: int = 5, device: str = "cpu", memory: bool = True, output: Optional[str] = None,
-                    overwrite: bool = False, echo: Optional[Echo] = print) -> dict[str, Any]:
-    """:func:`ctxagg.bench.train_speed.measure_training` for each model, written as JSON. Returns ``rows``,
-    ``files`` and ``table``."""
+                    overwrite: bool = False, breakdown: bool = True, echo: Optional[Echo] = print) -> dict[str, Any]:
+    """:func:`ctxagg.bench.train_speed.measure_training` for each model (with the machine's fp32 and bf16 matmul
+    peaks), written as JSON. Returns ``rows``, ``files`` and ``table``."""
+    from .deploy_compare import matmul_peak_gmacs
     from .train_speed import format_training, measure_training
 
     out = output_dir(output, "bench", "train", overwrite=overwrite, outputs=TRAIN_OUTPUTS)
     _say(echo, f"training step (forward + backward + AdamW), batch {batch}, {size}², {device}, "
                f"{torch.get_num_threads()} threads; variants {list(variants)}, timed round-robin")
+    peaks = {name: matmul_peak_gmacs(dtype, device=device) for name, dtype in
+             (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    _say(echo, "matmul peak (2048³): " + ", ".join(f"{k} {v:.1f} GMAC/s" for k, v in peaks.items())
+         + "; a training step counted as 3× the forward MACs")
     rows = []
     for name in models:
-        rows += measure_training(name, batch, size, variants, warmup, repeats, device, memory)
+        rows += measure_training(name, batch, size, variants, warmup, repeats, device, memory, breakdown=breakdown,
+                                 peaks=peaks)
         _say(echo, format_training(rows[-len(variants):]))
     table = format_training(rows)
     path = Path(out) / TRAIN_OUTPUTS[0]
     meta = dict(batch=batch, size=size, device=device, threads=torch.get_num_threads(), torch=torch.__version__,
-                timing="round-robin over variants", memory="torch.cuda.max_memory_allocated delta" if
+                timing="round-robin over variants", peak_gmacs=peaks, memory="torch.cuda.max_memory_allocated delta" if
                 device.startswith("cuda") else "peak running total of the CPU allocator (torch.profiler)")
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     return dict(rows=rows, files=[str(path)], table=table, output=str(out))

@@ -12,6 +12,10 @@ by `ctxagg export --int8` on real images with the default histogram observers); 
 a model, dynamic int8 of its linears, and the row says which ran. ``opt_int8_bf16`` runs the ops left
 unquantized (attention, norms, GELU) in bf16. A variant that fails to compile is reported as failed, with its
 error in the row's ``errors``, and the others are still measured.
+
+With ``breakdown`` (default), one more profiled pass of every variant splits its time into dense MAC kernels and
+the rest (:mod:`ctxagg.bench.kernel_split`), and each variant gets its ceiling over compiled bf16: the speed-up
+it would reach over ``opt_bf16`` if nothing but its kernels took time (what bounds int8 on a given CPU).
 """
 from __future__ import annotations
 
@@ -24,10 +28,11 @@ from torch import nn
 
 from ..export import optimize
 from .complexity import count_gmacs
+from .kernel_split import ceiling, kernel_split
 from .throughput import summarise_times, time_passes
 
-__all__ = ["matmul_peak_gmacs", "compare_eager", "format_compare", "format_latency", "DEFAULT_MODELS", "PEER_MODELS",
-           "VARIANTS"]
+__all__ = ["matmul_peak_gmacs", "compare_eager", "format_compare", "format_latency", "format_breakdown",
+           "DEFAULT_MODELS", "PEER_MODELS", "VARIANTS"]
 
 DEFAULT_MODELS = ("container_light", "container", "linglo_b1", "resnet50_lesa", "deit_s")
 # timm's models closest in size to ours (ImageNet-1k, ~20-30 M parameters, 224²)
@@ -106,9 +111,21 @@ def _round_robin(built: dict[str, nn.Module], x: torch.Tensor, warmup: int, repe
     return times
 
 
+@torch.no_grad()
+def _add_breakdown(row: dict[str, Any], built: dict[str, nn.Module], x: torch.Tensor) -> None:
+    """Per variant: ``{key}_pass_ms``, ``_kernel_ms``, ``_other_ms`` of one profiled pass, and ``_ceiling_over_bf16``
+    (opt bf16's pass time ÷ this variant's kernel time)."""
+    for key, net in built.items():
+        for part, value in kernel_split(lambda: net(x), x.device).items():
+            row[f"{key}_{part.replace('total', 'pass')}"] = value
+    if "opt_bf16" in built:
+        for key in built:
+            row[f"{key}_ceiling_over_bf16"] = ceiling(row["opt_bf16_pass_ms"], row[f"{key}_kernel_ms"])
+
+
 def _measure_model(name: str, batch_size: int, img_size: int, variants: Sequence[str], warmup: int, repeats: int,
-                   device: str, latency_batch: Optional[int], peaks: dict[str, float], compile: bool
-                   ) -> dict[str, Any]:
+                   device: str, latency_batch: Optional[int], peaks: dict[str, float], compile: bool,
+                   breakdown: bool = True) -> dict[str, Any]:
     torch.manual_seed(0)
     model = timm.create_model(name).eval().to(device)
     gmacs = count_gmacs(model, (3, img_size, img_size))
@@ -123,6 +140,8 @@ def _measure_model(name: str, batch_size: int, img_size: int, variants: Sequence
         row[f"{key}_img_s"] = summarise_times(times, batch_size)["throughput"]
         row[f"{key}_peak_frac"] = gmacs * row[f"{key}_img_s"] / peaks[VARIANTS[key][1]]
         row[f"{key}_speedup"] = row[f"{key}_img_s"] / row["eager_fp32_img_s"] if "eager_fp32" in built else None
+    if breakdown:
+        _add_breakdown(row, built, x)
     if latency_batch:  # freshly built: a frozen int8 graph cannot be recompiled for another shape
         del built
         one = torch.randn(latency_batch, 3, img_size, img_size, device=device)
@@ -137,12 +156,13 @@ def _measure_model(name: str, batch_size: int, img_size: int, variants: Sequence
 def compare_eager(models: Sequence[str] = DEFAULT_MODELS, batch_size: int = 32, img_size: int = 224,
                   warmup: int = 1, repeats: int = 3, compile: bool = True, int8: bool = True,
                   latency_batch: Optional[int] = 1, device: str = "cpu", peers: bool = False,
-                  echo: Optional[Callable[[str], None]] = print) -> dict[str, Any]:
+                  breakdown: bool = True, echo: Optional[Callable[[str], None]] = print) -> dict[str, Any]:
     """For each model (and, with ``peers``, each of :data:`PEER_MODELS`): params, GMACs, eager fp32 and optimised
     fp32 / bf16 / int8 throughput, their ratios to eager, the achieved fraction of the measured matmul peak of
     that precision (GMACs per image × img/s ÷ peak), and batch-``latency_batch`` latency of each variant.
     ``compile`` False: the deploy variants without torch.compile and without int8 (which needs it); int8 runs on
-    CPUs only."""
+    CPUs only. ``breakdown``: also each variant's kernel / other time and ceiling over compiled bf16
+    (:func:`format_breakdown`)."""
     dev = torch.device(device)
     int8 = int8 and compile and dev.type == "cpu"
     peaks = dict(fp32=matmul_peak_gmacs(torch.float32, device=device),
@@ -154,9 +174,10 @@ def compare_eager(models: Sequence[str] = DEFAULT_MODELS, batch_size: int = 32, 
     rows = []
     for name in names:
         rows.append(_measure_model(name, batch_size, img_size, variants, warmup, repeats, device, latency_batch,
-                                   peaks, compile))
+                                   peaks, compile, breakdown))
         if echo is not None:
             echo(format_compare(rows[-1:], peaks, header=len(rows) == 1)
+                 + (f"\n{format_breakdown(rows[-1:])}\n" if breakdown else "")
                  + "".join(f"\n  {name} {variant} failed: {error}" for variant, error in rows[-1]["errors"].items()))
     return dict(peak_gmacs=peaks, threads=torch.get_num_threads(), compiled=compile, variants=variants,
                 device=device, timing="round-robin over variants", rows=rows)
@@ -194,4 +215,20 @@ def format_latency(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['latency_batch']} | " + " | ".join(
             f"{r[f'{v}_latency_ms']:.1f}" if f"{v}_latency_ms" in r else "failed" for v in variants) + " |")
+    return "\n".join(lines)
+
+
+def format_breakdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per model and variant, one profiled pass split into dense MAC kernels and the rest, the measured
+    speed-up over compiled bf16 and its ceiling (the speed-up if nothing but the variant's kernels took time)."""
+    lines = ["| model | variant | pass ms | MAC kernels ms | other ms | × opt bf16 measured | × opt bf16 ceiling |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for v in VARIANTS:
+            if f"{v}_pass_ms" not in r:
+                continue
+            measured = (f"{r[f'{v}_img_s'] / r['opt_bf16_img_s']:.2f}×" if "opt_bf16_img_s" in r else "—")
+            top = f"{r[f'{v}_ceiling_over_bf16']:.2f}×" if f"{v}_ceiling_over_bf16" in r else "—"
+            lines.append(f"| {r['model']} | {_LABELS[v]} | {r[f'{v}_pass_ms']:.0f} | {r[f'{v}_kernel_ms']:.0f} | "
+                         f"{r[f'{v}_other_ms']:.0f} | {measured} | {top} |")
     return "\n".join(lines)

@@ -13,6 +13,14 @@ Peak memory of a step, above what was allocated before it (weights, optimiser st
   (``profile_memory``) during one step. Unlike :class:`~ctxagg.bench.throughput.PeakTensorBytes` it also sees
   the buffers a compiled (inductor) graph allocates in C++, so eager and compiled are counted alike; kernels'
   private scratch (oneDNN) is not counted.
+
+With ``breakdown`` (default), one more profiled step of every variant splits it into dense MAC kernels
+(convolutions and matmuls, forward and backward) and the rest (:mod:`ctxagg.bench.kernel_split`): the first
+variant's step time ÷ a variant's kernel time is its ceiling, the speed-up it would reach if nothing but its
+kernels took time. On CPUs inductor leaves those kernels to oneDNN/MKL, so this bounds what ``--compile`` can buy.
+With ``peaks`` (the matmul peaks of :func:`~ctxagg.bench.deploy_compare.matmul_peak_gmacs`), each row also gets
+the fraction of the peak of its precision its step reaches, counting a training step as 3× the forward MACs
+(forward, gradient of the input, gradient of the weights).
 """
 from __future__ import annotations
 
@@ -24,6 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .complexity import count_gmacs
+from .kernel_split import ceiling, kernel_split
 from .throughput import build_bench_model, summarise_times, time_passes
 
 __all__ = ["TRAIN_VARIANTS", "TrainVariant", "training_step", "step_peak_bytes", "measure_training",
@@ -124,9 +134,12 @@ def _variant_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, variants: 
 def measure_training(model_name: str, batch_size: int = 32, img_size: int = 224,
                      variants: Sequence[str] = ("eager", "compiled", "eager_bf16", "compiled_bf16"),
                      warmup: int = 2, repeats: int = 5, device: str = "cpu", memory: bool = True,
-                     num_classes: int = 1000, model_kwargs: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+                     num_classes: int = 1000, model_kwargs: Optional[dict[str, Any]] = None, breakdown: bool = True,
+                     peaks: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
     """One row per variant of ``model_name``: step latency (median, IQR), training img/s, the speed-up over the
-    first variant, peak memory of a step, and the first (compiling) step's seconds."""
+    first variant, peak memory of a step, the first (compiling) step's seconds and, with ``breakdown`` and
+    ``peaks``, the kernel / other split, the ceiling over the first variant and the fraction of the matmul peak
+    (see the module docstring)."""
     unknown = [v for v in variants if v not in TRAIN_VARIANTS]
     if unknown or not variants:
         raise ConfigError(f"unknown training variants {unknown}; choose from {list(TRAIN_VARIANTS)}")
@@ -141,6 +154,11 @@ def measure_training(model_name: str, batch_size: int = 32, img_size: int = 224,
     for _ in range(repeats):  # round-robin: one timed step of every variant per round
         for row in rows:
             row["_times"] += time_passes(row["_step"], 1, dev)
+    if breakdown:
+        for row in rows:
+            row.update({key.replace("total", "step"): value for key, value in kernel_split(row["_step"], dev).items()})
+            row["ceiling"] = ceiling(rows[0]["step_ms"], row["kernel_ms"])
+    train_gmacs = 3 * count_gmacs(model, (3, img_size, img_size))
     base = None
     for row in rows:
         times = row.pop("_times")
@@ -149,16 +167,26 @@ def measure_training(model_name: str, batch_size: int = 32, img_size: int = 224,
                    threads=torch.get_num_threads(), times_ms=times, **summarise_times(times, batch_size))
         base = base or row["throughput"]
         row["speedup"] = row["throughput"] / base
+        row["train_gmacs_per_img"] = train_gmacs
+        if peaks:
+            row["peak_frac"] = train_gmacs * row["throughput"] / peaks["bf16" if row["bf16"] else "fp32"]
     return rows
 
 
 def format_training(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table: one line per model and variant."""
+    """A Markdown table: one line per model and variant (the breakdown and peak columns where measured)."""
     lines = ["| model | variant | batch | size | step ms (median) | IQR ms | train img/s | × first variant | "
-             "peak MB | first step s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ceiling × first | MAC kernels ms | other ms | % of peak | peak MB | first step s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        return "—" if row.get(key) is None else format(row[key], fmt)
+
     for r in rows:
-        peak = "—" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+        percent = "—" if r.get("peak_frac") is None else f"{100 * r['peak_frac']:.0f}%"
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch_size']} | {r['img_size']} | {r['latency_ms']:.0f} | "
-                     f"{r['latency_iqr_ms']:.0f} | {r['throughput']:.2f} | {r['speedup']:.2f}× | {peak} | "
+                     f"{r['latency_iqr_ms']:.0f} | {r['throughput']:.2f} | {r['speedup']:.2f}× | "
+                     f"{cell(r, 'ceiling', '.2f')}{'×' if r.get('ceiling') else ''} | {cell(r, 'kernel_ms', '.0f')} | "
+                     f"{cell(r, 'other_ms', '.0f')} | {percent} | {cell(r, 'peak_mb', '.0f')} | "
                      f"{r['first_step_s']:.1f} |")
     return "\n".join(lines)

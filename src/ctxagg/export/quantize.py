@@ -52,7 +52,7 @@ def _quantizer(mode: str, observer: str = "histogram"):
         raise ConfigError(f"unknown int8 mode {mode!r}; choose one of {INT8_MODES}")
     if observer not in INT8_OBSERVERS:
         raise ConfigError(f"unknown int8 observer {observer!r}; choose one of {INT8_OBSERVERS}")
-    quantizer = x86.X86InductorQuantizer()
+    quantizer = _every_conv_quantizer(x86)()
     config = x86.get_default_x86_inductor_quantization_config(is_dynamic=mode == "dynamic")
     if mode == "static" and observer == "minmax":
         from torchao.quantization.pt2e import MinMaxObserver
@@ -65,6 +65,23 @@ def _quantizer(mode: str, observer: str = "histogram"):
     else:
         quantizer.set_global(config)
     return quantizer
+
+
+@functools.cache
+def _every_conv_quantizer(x86):
+    """``X86InductorQuantizer`` that also annotates the convolutions no fusion pattern covers (depth-wise convs
+    followed by another conv). Its own search for them keys on ``source_fn_stack``, which non-strict
+    ``torch.export`` (our export: it traces ``fx_leaf`` helpers and timm blocks that dynamo's strict mode cannot)
+    does not record, so without this every depth-wise conv of Container/LinGlos stayed fp32 between a dequantize
+    and a quantize (36 in Container-Light)."""
+    class EveryConvQuantizer(x86.X86InductorQuantizer):
+        def _annotate_conv2d(self, gm, quantization_config, filter_fn=None) -> None:
+            for node in gm.graph.nodes:
+                if (node.op == "call_function" and node.target == torch.ops.aten.conv2d.default
+                        and not x86._skip_annotate([node], filter_fn)):
+                    self._annotate_conv_node_helper(node, True, quantization_config)
+
+    return EveryConvQuantizer
 
 
 def _exported(model: nn.Module, example: Tensor) -> nn.Module:
