@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import ctxagg  # noqa: F401
+from timm.layers import ConvMlp
 from ctxagg.errors import ConfigError
 from ctxagg.train import TrainConfig, train
 from ctxagg.train.checkpoint import eager_keys, load_model_weights
@@ -145,12 +146,38 @@ def test_static_int8_quantizes_every_conv_including_the_depthwise_ones():
     model = reparameterize(timm.create_model("container_light", num_classes=10, img_size=32, **TINY_CONTAINER))
     quantized = quantize_int8(model, [torch.randn(2, 3, 32, 32)], observer="minmax")
     convs = [n for n in quantized.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    linears = [n for n in quantized.graph.nodes if n.target == torch.ops.aten.linear.default]
     depthwise = [n for n in convs if len(n.args) > 6 and n.args[6] > 1]
-    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules()) + 4  # + the 4 dw5 affinities
+    mlp_convs = 2 * sum(isinstance(m, ConvMlp) for m in model.modules())  # quantized as linears (LinearMlp)
+    assert mlp_convs == 8
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules()) - mlp_convs + 4  # + dw5 affinities
+    assert len(linears) == mlp_convs + 1  # + the classifier
     assert len(depthwise) == 8  # per block: the folded positional conv and the dw5 affinity
     dequantize = (Q.dequantize_per_tensor.default, Q.dequantize_per_channel.default)
-    for node in convs:
+    for node in convs + linears:
         assert node.args[0].target in dequantize and node.args[1].target in dequantize, node.name
+
+
+def test_linear_mlp_is_the_conv_mlp():
+    """The int8 path's LinearMlp computes timm's ConvMlp exactly (float64), in either memory format, and keeps
+    the NCHW shape and the channels_last layout."""
+    from ctxagg.export.quantize import LinearMlp, conv_mlps_as_linears
+
+    torch.manual_seed(0)
+    mlp = ConvMlp(6, 10, act_layer=nn.GELU).double().eval()
+    x = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+    linear = LinearMlp(mlp)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        out = linear(x.contiguous(memory_format=fmt))
+        torch.testing.assert_close(out, mlp(x), rtol=1e-12, atol=1e-12)
+    assert linear(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    # by hand: W2 · GELU(W1 · x + b1) + b2 at one pixel
+    pixel = x[1, :, 4, 2]
+    hidden = nn.functional.gelu(mlp.fc1.weight[:, :, 0, 0] @ pixel + mlp.fc1.bias)
+    torch.testing.assert_close(linear(x)[1, :, 4, 2], mlp.fc2.weight[:, :, 0, 0] @ hidden + mlp.fc2.bias)
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), ConvMlp(6, 10, norm_layer=nn.BatchNorm2d), ConvMlp(6, 4))
+    conv_mlps_as_linears(net)
+    assert [type(m).__name__ for m in net] == ["Conv2d", "ConvMlp", "LinearMlp"]  # a hidden norm stays a conv
 
 
 def test_dynamic_int8_quantizes_only_linears_and_needs_one_batch():

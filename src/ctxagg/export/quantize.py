@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
-__all__ = ["quantize_int8", "INT8_MODES", "INT8_OBSERVERS", "top1_agreement", "require_torchao"]
+__all__ = ["quantize_int8", "INT8_MODES", "INT8_OBSERVERS", "top1_agreement", "require_torchao", "LinearMlp",
+           "conv_mlps_as_linears"]
 
 INT8_MODES = ("static", "dynamic")
 # activation observers of static quantization: the x86 default (a histogram whose clipping range minimises the
@@ -65,6 +66,44 @@ def _quantizer(mode: str, observer: str = "histogram"):
     else:
         quantizer.set_global(config)
     return quantizer
+
+
+class LinearMlp(nn.Module):
+    """timm's ``ConvMlp`` (1×1 conv → activation → 1×1 conv, the channel MLP of Container Eq. 3) as two linears
+    over the channel axis of the NHWC view of its input: the same function, and the same memory traffic on a
+    channels_last tensor (the view is free). For int8 only: oneDNN's quantized linear takes GELU as a post-op
+    (the activation is computed inside the kernel, which then writes uint8), the quantized conv does not in
+    torchao 0.18, so as convs every hidden activation makes an extra fp32 round trip through memory."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        if not isinstance(mlp.norm, nn.Identity):
+            raise ConfigError("LinearMlp converts ConvMlp without a hidden norm layer")
+        self.fc1, self.fc2 = (_as_linear(conv) for conv in (mlp.fc1, mlp.fc2))
+        self.act = mlp.act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+
+
+def _as_linear(conv: nn.Conv2d) -> nn.Linear:
+    linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None).to(conv.weight)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.flatten(1))
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
+
+
+def conv_mlps_as_linears(model: nn.Module) -> nn.Module:
+    """Replace (in place) every timm ``ConvMlp`` without a hidden norm by :class:`LinearMlp`; returns ``model``."""
+    from timm.layers import ConvMlp
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, ConvMlp) and isinstance(child.norm, nn.Identity):
+                setattr(module, child_name, LinearMlp(child))
+    return model
 
 
 @functools.cache
@@ -107,7 +146,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], mode: str = "
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = _quantizer(mode, observer)
-    net = copy.deepcopy(model).eval().cpu()
+    net = conv_mlps_as_linears(copy.deepcopy(model).eval().cpu())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
     batches = iter(calibration)

@@ -74,6 +74,9 @@ class TokenMixer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.key_only:
             k, v = self.proj_in(x).chunk(2, dim=-1)
+            # K as its own buffer: int8's fused U2·z + K skip (oneDNN qlinear + binary add) takes a minute a batch
+            # when K is a strided half of proj_in's output (measured on linglo_b1, b32: a reference-code path)
+            k = k.contiguous()
             z = self.affinity(k, gate=v, saliency_input=k)  # aggregate K, gated by V, weights from K
         else:
             q, k, v = self.proj_in(x).chunk(3, dim=-1)

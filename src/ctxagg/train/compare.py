@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import timm
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..runs import output_dir
@@ -62,18 +63,20 @@ def kwarg_variants(model: str, key: str, values: Sequence[Any]) -> list[Variant]
     return [Variant(f"{key}={value}", model, {key: value}) for value in values]
 
 
+def _meta_backbone(model: str, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
+    """The model without its classifier, built on the meta device (shapes only, nothing allocated)."""
+    with torch.device("meta"):
+        return timm.create_model(model, num_classes=0, **{**input_size_overrides(model, img_size), **kwargs})
+
+
 def backbone_params(model: str, img_size: int, **kwargs: Any) -> int:
     """Parameters without the classifier (the part the mixer changes), counted on the meta device."""
-    kwargs = {**input_size_overrides(model, img_size), **kwargs}
-    with torch.device("meta"):
-        net = timm.create_model(model, num_classes=0, **kwargs)
-    return sum(p.numel() for p in net.parameters())
+    return sum(p.numel() for p in _meta_backbone(model, img_size, kwargs).parameters())
 
 
 def _stage_mlp_ratios(model: str, img_size: int, kwargs: dict[str, Any]) -> list[float]:
     """The channel-MLP ratio of each stage, read off the built model (hidden width / width of its first block)."""
-    with torch.device("meta"):
-        net = timm.create_model(model, num_classes=0, **{**input_size_overrides(model, img_size), **kwargs})
+    net = _meta_backbone(model, img_size, kwargs)
     stages = getattr(net, "stages", None)
     if stages is None or not all(hasattr(s.blocks[0], "mlp") for s in stages):
         raise ConfigError(f"--match-params scales the channel MLPs of staged models (stages[i].blocks[j].mlp); "
