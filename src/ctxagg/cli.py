@@ -185,9 +185,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="run a size only if its predicted time a pass fits (else predictions only)")
     s.add_argument("--device", default="cpu")
     _bench_common(s, warmup=1, repeats=3)
-    d = _add_parser(tools, "deploy", help="eager fp32 vs optimised fp32 / bf16, as a fraction of matmul peak",
-                    description="Eager fp32 vs the deploy path (re-parameterised, torch.compile, fp32 and bf16) "
-                                "with the machine's measured matmul peak. Writes compare_eager.json.")
+    d = _add_parser(tools, "deploy",
+                    help="eager fp32 vs optimised fp32 / bf16 / int8, as fractions of the matmul peaks",
+                    description="Eager fp32 vs the deploy path (re-parameterised, torch.compile; fp32, bf16, int8 "
+                                "and int8 with bf16) with the machine's measured matmul peaks, batch-1 latency and "
+                                "where each variant's time goes (MAC kernels or the rest). Writes compare_eager.json.")
     d.add_argument("--models", help="comma-separated (default: container_light, container, linglo_b1, "
                                     "resnet50_lesa, deit_s)")
     d.add_argument("--batch-size", type=int, default=32)

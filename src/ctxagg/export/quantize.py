@@ -7,7 +7,9 @@ The flow (torchao.quantization.pt2e, where upstream moved ``torch.ao.quantizatio
 weight freezing) pattern-matches each dq → conv/linear → q into oneDNN's int8 kernels (VNNI on x86).
 
 - ``static``: activations uint8 per tensor (histogram observer on the calibration images), weights int8 per
-  output channel, for every conv and linear (and the pools / adds between quantized ops);
+  output channel, for every conv (depth-wise ones included: :func:`_every_conv_quantizer`) and linear (and the
+  pools / adds between quantized ops); timm ``ConvMlp`` channel MLPs are quantized as linears
+  (:class:`LinearMlp`), so their GELU runs inside oneDNN's int8 linear;
 - ``dynamic``: only linears, activation ranges measured per batch at run time (no calibration needed);
   what is left for a model whose graph the static flow cannot take.
 Ops the quantizer does not annotate (attention's SDPA, LayerNorm, GELU, softmax) stay fp32, or bf16 when the
