@@ -185,6 +185,24 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="run a size only if its predicted time a pass fits (else predictions only)")
     s.add_argument("--device", default="cpu")
     _bench_common(s, warmup=1, repeats=3)
+    _add_bench_deploy(tools)
+    _add_bench_train(tools)
+    n = _add_parser(tools, "dense", help="backbones as detectors see them, at 512×512 and 800×1333",
+                    description="Each backbone built for dense prediction (any input size; the four FPN levels) "
+                                "at segmentation and detection sizes: predicted GMACs and materialised-attention "
+                                "memory everywhere, measured latency and peak memory where a pass fits "
+                                "--max-seconds. Writes bench_dense.json.")
+    n.add_argument("--models", default="container_light,container,linglo_b0,resnet50_lesa,swin_t",
+                   help="comma-separated backbone names (any ctxagg or timm model)")
+    n.add_argument("--sizes", default="512x512,800x1333", help="comma-separated HxW")
+    n.add_argument("--batch-size", type=int, default=1)
+    n.add_argument("--max-seconds", type=float, default=30.0,
+                   help="run a size only if its predicted time a pass fits (else predictions only)")
+    n.add_argument("--device", default="cpu")
+    _bench_common(n, warmup=1, repeats=3)
+
+
+def _add_bench_deploy(tools: argparse._SubParsersAction) -> None:
     d = _add_parser(tools, "deploy",
                     help="eager fp32 vs optimised fp32 / bf16 / int8, as fractions of the matmul peaks",
                     description="Eager fp32 vs the deploy path (re-parameterised, torch.compile; fp32, bf16, int8 "
@@ -204,20 +222,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--device", default="cpu", help="cpu or cuda[:N] (int8 variants run on CPUs only)")
     _add_no_breakdown(d, "compiled bf16")
     _bench_common(d, warmup=1, repeats=3)
-    _add_bench_train(tools)
-    n = _add_parser(tools, "dense", help="backbones as detectors see them, at 512×512 and 800×1333",
-                    description="Each backbone built for dense prediction (any input size; the four FPN levels) "
-                                "at segmentation and detection sizes: predicted GMACs and materialised-attention "
-                                "memory everywhere, measured latency and peak memory where a pass fits "
-                                "--max-seconds. Writes bench_dense.json.")
-    n.add_argument("--models", default="container_light,container,linglo_b0,resnet50_lesa,swin_t",
-                   help="comma-separated backbone names (any ctxagg or timm model)")
-    n.add_argument("--sizes", default="512x512,800x1333", help="comma-separated HxW")
-    n.add_argument("--batch-size", type=int, default=1)
-    n.add_argument("--max-seconds", type=float, default=30.0,
-                   help="run a size only if its predicted time a pass fits (else predictions only)")
-    n.add_argument("--device", default="cpu")
-    _bench_common(n, warmup=1, repeats=3)
 
 
 def _add_bench_train(tools: argparse._SubParsersAction) -> None:
