@@ -75,7 +75,8 @@ class LinearMlp(nn.Module):
     over the channel axis of the NHWC view of its input: the same function, and the same memory traffic on a
     channels_last tensor (the view is free). For int8 only: oneDNN's quantized linear takes GELU as a post-op
     (the activation is computed inside the kernel, which then writes uint8), the quantized conv does not in
-    torchao 0.18, so as convs every hidden activation makes an extra fp32 round trip through memory."""
+    torchao 0.18, so as convs every hidden activation makes an extra fp32 round trip through memory. Inference
+    only: the MLP's dropout is left out."""
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
@@ -112,8 +113,7 @@ def conv_mlps_as_linears(model: nn.Module) -> nn.Module:
 def _every_conv_quantizer(x86):
     """``X86InductorQuantizer`` that also annotates the convolutions no fusion pattern covers (depth-wise convs
     followed by another conv). Its own search for them keys on ``source_fn_stack``, which non-strict
-    ``torch.export`` (our export: it traces ``fx_leaf`` helpers and timm blocks that dynamo's strict mode cannot)
-    does not record, so without this every depth-wise conv of Container/LinGlos stayed fp32 between a dequantize
+    ``torch.export`` (torch's default, and ours) does not record, so without this every depth-wise conv of Container/LinGlos stayed fp32 between a dequantize
     and a quantize (36 in Container-Light)."""
     class EveryConvQuantizer(x86.X86InductorQuantizer):
         def _annotate_conv2d(self, gm, quantization_config, filter_fn=None) -> None:
