@@ -113,6 +113,22 @@ def test_attention_augmentation_matrix_times_values_equals_forward():
     assert (big.key_dim, big.value_dim) == (48, 24)  # κ = 0.2, υ = 0.1 of 256, in multiples of 8 heads
 
 
+def test_lesa_keeps_omega_in_eager_only():
+    """ω is stored for analysis by an eager forward; a traced one (torch.export, torch.compile) leaves no state
+    behind (export would warn that an attribute was assigned during tracing)."""
+    import warnings
+
+    layer = _lesa_in_eval().float()
+    x = torch.randn(1, 32, 4, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(layer, (x,))
+    assert layer.last_omega is None
+    assert not [w for w in caught if "last_omega" in str(w.message)]
+    torch.testing.assert_close(program.module()(x), layer(x))
+    assert layer.last_omega is not None and layer.last_omega.shape == x.shape
+
+
 def test_lesa_output_is_unary_plus_gated_binary():
     layer = _lesa_in_eval()
     x = torch.randn(2, 32, 4, 4, dtype=torch.float64)

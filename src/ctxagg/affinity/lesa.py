@@ -176,7 +176,7 @@ class LocallyEnhancedSelfAttention(nn.Module):
       BNs of the two terms, which the output sum then uses too (as the reference code does).
 
     ``mode``: ``lesa`` (dynamic fusion), ``static`` (m + binary, "Static LESA", Table 6) or ``sa``
-    (binary only, the self-attention baseline). The last ω is kept in ``last_omega`` (detached,
+    (binary only, the self-attention baseline). The last ω of an eager forward is kept in ``last_omega`` (detached,
     (B, d, H, W)); Table 2's unary/binary weights are the means of 1/(1+ω) and ω/(1+ω).
 
     Paper-silent choices (following the reference code where it has one):
@@ -225,7 +225,8 @@ class LocallyEnhancedSelfAttention(nn.Module):
         if self.fusion is None:
             return unary + binary
         omega = torch.sigmoid(self.fusion(torch.cat([unary, binary], 1)))
-        self.last_omega = omega.detach()
+        if not torch.compiler.is_compiling():  # kept for analysis in eager; traced graphs must not store state
+            self.last_omega = omega.detach()
         return unary + omega * binary
 
 
