@@ -458,7 +458,8 @@ def _cmd_export_int8(args: argparse.Namespace) -> int:
     print(f"int8 ({r['mode']}, calibrated on {r['calib_images']} images of {r['calib']}) saved to {r['path']} "
           f"({r['size_mb']:.1f} MB); reloaded program vs in-memory: max |diff| {r['max_abs_error'][0]:.1e}")
     print(f"on {r['val_images']} validation images: fp32 top-1 {r['fp32_top1']:.2f}%, "
-          f"int8 top-1 {r['int8_top1']:.2f}%, top-1 agreement {r['top1_agreement']:.2f}% (compiled int8{' + bf16' if r['bf16_rest'] else ''})")
+          f"int8 top-1 {r['int8_top1']:.2f}%, top-1 agreement {r['top1_agreement']:.2f}% "
+          f"(compiled int8{' + bf16' if r['bf16_rest'] else ''})")
     return 0
 
 

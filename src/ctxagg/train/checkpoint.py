@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from ..errors import CtxaggError
 
 __all__ = ["atomic_write", "eager_keys", "write_metrics_csv", "save_checkpoint", "load_checkpoint",
-           "load_model_weights", "CheckpointError", "tensor_digest", "optimizer_state_to_flat", "optimizer_state_from_flat", "rng_state",
-           "set_rng_state"]
+           "load_model_weights", "CheckpointError", "tensor_digest", "optimizer_state_to_flat",
+           "optimizer_state_from_flat", "rng_state", "set_rng_state"]
 
 META_KEY = "ctxagg"
 DIGEST_KEY = "ctxagg.sha256"

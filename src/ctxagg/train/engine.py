@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..errors import ConfigError, CtxaggError
 from ..runs import DEFAULT_ROOT, data_tag, on_rank0, output_dir, remove_temp_files, resolve_run_path
 from .budget import PATTERN_FILE, DynamicBudget
-from .checkpoint import (atomic_write, eager_keys, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat,
-                         rng_state, save_checkpoint, set_rng_state, write_metrics_csv)
+from .checkpoint import (atomic_write, eager_keys, load_checkpoint, optimizer_state_from_flat,
+                         optimizer_state_to_flat, rng_state, save_checkpoint, set_rng_state, write_metrics_csv)
 from .config import TrainConfig
 from .data import ArrayDataset, ImageArrays, load_dataset
 from .distributed import init_distributed, rank_and_world, resolve_device
