@@ -158,6 +158,25 @@ def test_static_int8_quantizes_every_conv_including_the_depthwise_ones():
         assert node.args[0].target in dequantize and node.args[1].target in dequantize, node.name
 
 
+def test_batch_norms_left_in_the_graph_become_the_same_affine_map():
+    """The exported graph's eval-mode BatchNorms (with and without γ/β) are replaced by x·a + b that computes
+    exactly what nn.BatchNorm2d computes (the module itself is the reference), and no BN node is left."""
+    from ctxagg.export.quantize import _batch_norms_as_affine, _exported
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(3, eps=1e-2), nn.ReLU(), nn.BatchNorm2d(3, affine=False, eps=1e-3))
+    for bn in (net[0], net[2]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    nn.init.uniform_(net[0].weight, 0.5, 2)
+    nn.init.uniform_(net[0].bias, -1, 1)
+    net = net.double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    graph = _batch_norms_as_affine(_exported(net, x))
+    assert not [n for n in graph.graph.nodes if "batch_norm" in str(n.target)]
+    torch.testing.assert_close(graph(x), net(x), rtol=1e-12, atol=1e-12)
+
+
 def test_linear_mlp_is_the_conv_mlp():
     """The int8 path's LinearMlp computes timm's ConvMlp exactly (float64), in either memory format, and keeps
     the NCHW shape and the channels_last layout."""

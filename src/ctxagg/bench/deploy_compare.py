@@ -19,6 +19,7 @@ it would reach over ``opt_bf16`` if nothing but its kernels took time (what boun
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import timm
@@ -29,7 +30,7 @@ from torch import nn
 from ..export import optimize
 from .complexity import count_gmacs
 from .kernel_split import ceiling, kernel_split
-from .throughput import summarise_times, time_passes
+from .throughput import round_robin_times, summarise_times, time_passes
 
 __all__ = ["matmul_peak_gmacs", "compare_eager", "format_compare", "format_latency", "format_breakdown",
            "DEFAULT_MODELS", "PEER_MODELS", "VARIANTS"]
@@ -104,11 +105,7 @@ def _round_robin(built: dict[str, nn.Module], x: torch.Tensor, warmup: int, repe
         except Exception as exc:  # noqa: BLE001 - e.g. an inductor lowering bug for one precision
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             del built[name]
-    times: dict[str, list[float]] = {name: [] for name in built}
-    for _ in range(repeats):
-        for name, net in built.items():
-            times[name] += time_passes(lambda: net(x), 1, x.device)
-    return times
+    return round_robin_times({name: functools.partial(net, x) for name, net in built.items()}, repeats, x.device)
 
 
 @torch.no_grad()

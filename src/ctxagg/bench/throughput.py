@@ -122,6 +122,17 @@ def time_passes(fn: Callable[[], Any], repeats: int, device: torch.device) -> li
     return times
 
 
+def round_robin_times(fns: dict[Any, Callable[[], Any]], repeats: int, device: torch.device
+                      ) -> dict[Any, list[float]]:
+    """Wall time in ms of ``repeats`` calls of each function, timed in rounds (one call of every function per
+    round), so a change in the machine's load touches all of them alike."""
+    times: dict[Any, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name] += time_passes(fn, 1, device)
+    return times
+
+
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
     """Linear-interpolation quantile (numpy's default) of sorted values."""
     pos = (len(sorted_values) - 1) * q

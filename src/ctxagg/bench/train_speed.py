@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import ConfigError
 from .complexity import count_gmacs
 from .kernel_split import ceiling, kernel_split
-from .throughput import build_bench_model, summarise_times, time_passes
+from .throughput import build_bench_model, round_robin_times, summarise_times
 
 __all__ = ["TRAIN_VARIANTS", "TrainVariant", "training_step", "step_peak_bytes", "measure_training",
            "format_training"]
@@ -127,7 +127,7 @@ def _variant_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, variants: 
         peak = step_peak_bytes(step, x.device) if memory else None
         rows.append(dict(variant=variant.name, compile=variant.compile, bf16=variant.bf16,
                          channels_last=variant.channels_last, first_step_s=first, first_loss=first_loss,
-                         peak_mb=None if peak is None else peak / 2 ** 20, _step=step, _times=[]))
+                         peak_mb=None if peak is None else peak / 2 ** 20, _step=step))
     return rows
 
 
@@ -151,20 +151,18 @@ def measure_training(model_name: str, batch_size: int = 32, img_size: int = 224,
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
     rows = _variant_rows(model, x, y, [TRAIN_VARIANTS[v] for v in variants], warmup, memory)
-    for _ in range(repeats):  # round-robin: one timed step of every variant per round
-        for row in rows:
-            row["_times"] += time_passes(row["_step"], 1, dev)
+    times = round_robin_times({index: row["_step"] for index, row in enumerate(rows)}, repeats, dev)
     if breakdown:
         for row in rows:
             row.update({key.replace("total", "step"): value for key, value in kernel_split(row["_step"], dev).items()})
             row["ceiling"] = ceiling(rows[0]["step_ms"], row["kernel_ms"])
     train_gmacs = 3 * count_gmacs(model, (3, img_size, img_size))
     base = None
-    for row in rows:
-        times = row.pop("_times")
+    for index, row in enumerate(rows):
         row.pop("_step")
         row.update(model=model_name, batch_size=batch_size, img_size=img_size, device=str(dev), repeats=repeats,
-                   threads=torch.get_num_threads(), times_ms=times, **summarise_times(times, batch_size))
+                   threads=torch.get_num_threads(), times_ms=times[index],
+                   **summarise_times(times[index], batch_size))
         base = base or row["throughput"]
         row["speedup"] = row["throughput"] / base
         row["train_gmacs_per_img"] = train_gmacs

@@ -22,12 +22,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..layers.fold import norm_scale_shift
 
 __all__ = ["quantize_int8", "INT8_MODES", "INT8_OBSERVERS", "top1_agreement", "require_torchao", "LinearMlp",
            "conv_mlps_as_linears"]
@@ -113,8 +115,8 @@ def conv_mlps_as_linears(model: nn.Module) -> nn.Module:
 def _every_conv_quantizer(x86):
     """``X86InductorQuantizer`` that also annotates the convolutions no fusion pattern covers (depth-wise convs
     followed by another conv). Its own search for them keys on ``source_fn_stack``, which non-strict
-    ``torch.export`` (torch's default, and ours) does not record, so without this every depth-wise conv of Container/LinGlos stayed fp32 between a dequantize
-    and a quantize (36 in Container-Light)."""
+    ``torch.export`` (torch's default, and ours) does not record, so without this every depth-wise conv of
+    Container/LinGlos stayed fp32 between a dequantize and a quantize (36 in Container-Light)."""
     class EveryConvQuantizer(x86.X86InductorQuantizer):
         def _annotate_conv2d(self, gm, quantization_config, filter_fn=None) -> None:
             for node in gm.graph.nodes:
@@ -158,7 +160,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], mode: str = "
     example = first.cpu().contiguous(memory_format=fmt)
     prepared = prepare_pt2e(_exported(net, example), quantizer)
     seen = 0
-    for batch in [first] if mode == "dynamic" else _chain(first, batches):
+    for batch in [first] if mode == "dynamic" else itertools.chain([first], batches):
         prepared(batch.cpu().contiguous(memory_format=fmt))
         seen += 1
         if max_batches is not None and seen >= max_batches:
@@ -183,8 +185,7 @@ def _batch_norms_as_affine(graph_module: torch.fx.GraphModule) -> torch.fx.Graph
         eps = node.args[6] if node.target == legit else node.args[7]
         w, b, mu, sigma2 = (functools.reduce(getattr, n.target.split("."), graph_module) if n is not None else None
                             for n in (weight, bias, mean, var))
-        scale = (w if w is not None else torch.ones_like(mu)) / torch.sqrt(sigma2 + eps)
-        shift = (b if b is not None else torch.zeros_like(mu)) - mu * scale
+        scale, shift = norm_scale_shift(w, b, mu, sigma2, eps)
         shape = (1, -1) + (1,) * (x.meta["val"].dim() - 2)
         with graph.inserting_before(node):
             nodes = []
@@ -213,11 +214,6 @@ def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> torch.fx.GraphMo
         module._parameters.pop(attr, None)
         module._buffers.pop(attr, None)
     return graph_module
-
-
-def _chain(first: Tensor, rest: Iterable[Tensor]) -> Iterable[Tensor]:
-    yield first
-    yield from rest
 
 
 @torch.no_grad()

@@ -1,18 +1,26 @@
 """Exact algebraic folds used to re-parameterise trained models for deployment (eval-mode statistics)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["bn_scale_shift", "fold_bn_into_next_conv", "fold_bn_into_prev_conv", "add_identity_to_depthwise"]
+__all__ = ["bn_scale_shift", "norm_scale_shift", "fold_bn_into_next_conv", "fold_bn_into_prev_conv",
+           "add_identity_to_depthwise"]
+
+
+def norm_scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float
+                     ) -> tuple[Tensor, Tensor]:
+    """(a, b) with ``γ·(x − μ)/√(σ² + ε) + β == a·x + b`` per channel (γ = 1, β = 0 where not given)."""
+    a = (weight if weight is not None else torch.ones_like(var)) / torch.sqrt(var + eps)
+    return a, (bias if bias is not None else torch.zeros_like(var)) - mean * a
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """(a, b) with ``bn(x) == a·x + b`` per channel in eval mode."""
-    scale = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
-    a = scale / torch.sqrt(bn.running_var + bn.eps)
-    return a, shift - bn.running_mean * a
+    return norm_scale_shift(bn.weight if bn.affine else None, bn.bias if bn.affine else None, bn.running_mean,
+                            bn.running_var, bn.eps)
 
 
 @torch.no_grad()
